@@ -1,0 +1,34 @@
+"""Base models a server can serve. Shared by the API (validation) and the workers (loading)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+BUILTIN_TINY_MODEL = "tuft/tiny-qwen3"
+# Qwen3's padded vocabulary size: the Qwen BPE has 151,643 ranks + 208 special tokens, and the
+# embedding matrix is padded to a multiple of 128.
+TINY_VOCAB_SIZE = 151_936
+TINY_MAX_MODEL_LEN = 2048
+
+
+class ModelSpec(BaseModel):
+    """One entry of `supported_models` in the config (names as in the original TuFT config)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_name: str
+    # A local Hugging Face folder, or "builtin:tiny-qwen3" for the built-in deterministic model.
+    model_path: str
+    max_model_len: int = 2048
+    # Filled from the model folder's config.json when omitted (no torch needed).
+    vocab_size: int | None = None
+    max_lora_rank: int = 128
+
+
+def builtin_tiny_spec() -> ModelSpec:
+    return ModelSpec(
+        model_name=BUILTIN_TINY_MODEL,
+        model_path="builtin:tiny-qwen3",
+        max_model_len=TINY_MAX_MODEL_LEN,
+        vocab_size=TINY_VOCAB_SIZE,
+    )
