@@ -1,0 +1,133 @@
+"""create_app(settings): the FastAPI app, its lifespan, error handlers and body-size limit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.catalog import ModelCatalog
+from app.api.longpoll import FuturePoller
+from app.api.routes import client, futures, rest, sampling, sessions, training
+from app.api.state import AppState
+from app.auth import KeyResolver
+from app.config import Settings
+from app.db.engine import Database
+from app.doorbell import make_doorbell
+from app.domain.errors import DomainError, PayloadTooLarge
+from app.wire.errors import error_body, http_status_for
+
+log = logging.getLogger("tuft.api")
+
+
+class BodyLimit:
+    """413 with a JSON body for requests over the limit, checked on Content-Length and again while
+    streaming (a chunked upload has no Content-Length)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _too_large(self.max_bytes, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    response = JSONResponse(
+        error_body(PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")), status_code=413
+    )
+    await response({"type": "http"}, _empty_receive, send)
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def _error_response(err: DomainError) -> JSONResponse:
+    return JSONResponse(error_body(err), status_code=http_status_for(err))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(request: Request, exc: DomainError) -> JSONResponse:
+        status = http_status_for(exc)
+        log.log(logging.WARNING if status < 500 else logging.ERROR, "%s %s -> %d: %s", request.method, request.url.path, status, exc.message)
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        log.warning("%s %s -> 400: %s", request.method, request.url.path, problems)
+        return JSONResponse({"error": "invalid_input", "message": problems, "category": "user", "detail": problems}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse({"error": code, "message": message, "category": "user", "detail": message}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        message = f"internal error: {type(exc).__name__}"
+        return JSONResponse({"error": "server_error", "message": message, "category": "server", "detail": message}, status_code=500)
+
+
+def create_app(settings: Settings, *, db: Database | None = None) -> FastAPI:
+    database = db or Database(settings.resolved_database_url(), process_name="api")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync handlers (DB work) run in anyio's thread pool; its default of 40 is small for many
+        # clients submitting at once. Polls themselves hold no thread while they wait.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 100
+        poller = FuturePoller(database, settings.future_poll_interval)
+        state = AppState(
+            settings=settings,
+            db=database,
+            doorbell=make_doorbell(settings.redis_url),
+            catalog=ModelCatalog(settings),
+            keys=KeyResolver(database, settings.configured_keys()),
+            poller=poller,
+        )
+        app.state.tuft = state
+        poller.start()
+        try:
+            yield
+        finally:
+            await poller.stop()
+            state.doorbell.close()
+            if db is None:
+                database.dispose()
+
+    app = FastAPI(title="TuFT", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (client, sessions, training, sampling, futures, rest):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    return app

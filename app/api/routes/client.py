@@ -1,0 +1,47 @@
+"""Bootstrap and background traffic: client config, capabilities, telemetry, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from sqlalchemy import text
+
+from app.api.deps import State, Tenant
+
+router = APIRouter()
+
+
+@router.post("/api/v1/client/config")
+async def client_config(_: Tenant) -> dict[str, Any]:
+    # Every field is optional and `{}` gives the SDK's defaults (tinker-protocol.md §2.2). We
+    # decompress zstd, so let the SDK compress forward_backward bodies.
+    return {"proto_compress_fwdbwd": True}
+
+
+@router.post("/api/v1/client/dynamic_config")
+async def dynamic_config(_: Tenant) -> dict[str, Any]:
+    return {"refresh_interval_sec": 300}
+
+
+@router.get("/api/v1/get_server_capabilities")
+async def capabilities(state: State, _: Tenant) -> dict[str, Any]:
+    return {"supported_models": state.catalog.capabilities()}
+
+
+@router.post("/api/v1/telemetry")
+async def telemetry(_: Tenant) -> dict[str, str]:
+    # Accepted and dropped: the SDK's telemetry describes the client, not our server.
+    return {"status": "accepted"}
+
+
+@router.get("/api/v1/healthz")
+@router.get("/healthz")
+async def healthz(state: State) -> dict[str, str]:
+    def _ping() -> None:
+        with state.db.read() as s:
+            s.execute(text("SELECT 1"))
+
+    await run_in_threadpool(_ping)
+    return {"status": "ok"}

@@ -1,0 +1,262 @@
+"""Training: create_model, get_info, forward_backward, optim_step, save_*, load_weights, weights_info.
+
+Every training request becomes an op row at (model_id, seq_id). Content that cannot run (a token
+outside the vocabulary, a bad checkpoint name...) is still recorded, as an already-failed op with
+category `user`: the client gets a failed future it can read, and the run does not wait forever
+for a seq_id that would otherwise never exist (tinker-protocol.md §4.3: ops run in seq order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from google.protobuf.message import DecodeError
+from pydantic import BaseModel
+from sqlalchemy.orm import Session as DbSession
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import State, Tenant, body_as
+from app.api.state import AppState
+from app.api.validation import check_forward_backward
+from app.db.models import Run
+from app.domain.errors import DomainError, InvalidInput
+from app.domain.ids import parse_tinker_path
+from app.domain.ops import LoraConfig
+from app.queue import checkpoints, submit
+from app.queue.submit import Wakeup
+from app.wire import translate
+from app.wire.codec import decode_forward_backward
+from app.wire.compression import decompress_body
+from app.wire.json_models import (
+    CreateModelRequest,
+    GetInfoRequest,
+    LoadWeightsRequest,
+    OptimStepRequest,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsRequest,
+    WeightsInfoRequest,
+)
+from app.wire.proto import pb
+
+router = APIRouter()
+
+OpBuilder = Callable[[DbSession, Run], BaseModel]
+
+
+def _submit_run_op(state: AppState, tenant: str, model_id: str, seq: int, kind: str, build: OpBuilder, raw: bytes) -> str:
+    def work(s: DbSession) -> tuple[str, list[Wakeup]]:
+        run = submit.get_run(s, tenant, model_id)
+        op: BaseModel | None = None
+        rejected: str | None = None
+        if run.status != "active":
+            rejected = f"training run {model_id} is {run.status}; it accepts no new operations"
+        else:
+            try:
+                op = build(s, run)
+            except InvalidInput as exc:
+                rejected = exc.message
+        if rejected is not None and op is None:
+            sub = submit.submit_run_op(s, run, seq, None, rejected=rejected, kind=kind, raw=raw)
+        else:
+            sub = submit.submit_run_op(s, run, seq, op, rejected=rejected)
+        return sub.request_id, [sub.wakeup] if sub.wakeup else []
+
+    return state.submit(work)
+
+
+@router.post("/api/v1/create_model")
+async def create_model(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    req = await body_as(request, CreateModelRequest)
+    spec = state.catalog.get(req.base_model)
+    lora = translate.create_model_to_lora_config(req)
+    if lora.rank > spec.max_lora_rank:
+        raise InvalidInput(f"lora rank {lora.rank} exceeds this model's maximum {spec.max_lora_rank}")
+
+    def work(s: DbSession) -> tuple[tuple[str, str], list[Wakeup]]:
+        run = submit.create_run(
+            s,
+            tenant,
+            session_id=req.session_id,
+            model_seq_id=req.model_seq_id,
+            base_model=spec.model_name,
+            lora=lora,
+            user_metadata=req.user_metadata or {},
+        )
+        return (submit.record_create_model(s, run), run.run_id), []
+
+    request_id, model_id = await run_in_threadpool(state.submit, work)
+    return {"request_id": request_id, "model_id": model_id}
+
+
+@router.post("/api/v1/get_info")
+async def get_info(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    req = await body_as(request, GetInfoRequest)
+
+    def work() -> dict[str, Any]:
+        with state.db.read() as s:
+            run = submit.get_run(s, tenant, req.model_id)
+            return {
+                "type": "get_info",
+                "model_id": run.run_id,
+                "model_data": {
+                    "arch": "qwen3",
+                    "model_name": run.base_model,
+                    "tokenizer_id": state.catalog.tokenizer_id(run.base_model),
+                },
+                "is_lora": True,
+                "lora_rank": run.lora_config.get("rank"),
+                "model_name": run.base_model,
+            }
+
+    return await run_in_threadpool(work)
+
+
+def _seq_of_broken_body(body: bytes, encoding: str | None, limit: int) -> tuple[str, int] | None:
+    """(model_id, seq_id) of a forward_backward whose content is invalid but whose envelope parses."""
+    try:
+        msg = pb.ForwardBackwardRequest.FromString(decompress_body(body, encoding, limit))
+    except (DecodeError, DomainError):
+        return None
+    return (msg.model_id, msg.seq_id) if msg.model_id and msg.seq_id > 0 else None
+
+
+@router.post("/api/v1/forward_backward")
+async def forward_backward(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    body = await request.body()
+    encoding = request.headers.get("content-encoding")
+    limit = state.settings.max_decompressed_bytes
+    try:
+        model_id, seq, op = decode_forward_backward(body, encoding, limit)
+    except InvalidInput as exc:
+        located = _seq_of_broken_body(body, encoding, limit)
+        if located is None:
+            raise
+        model_id, seq = located
+        message = exc.message
+
+        def rejected(_s: DbSession, _run: Run) -> BaseModel:
+            raise InvalidInput(message)
+
+        request_id = await run_in_threadpool(
+            _submit_run_op, state, tenant, model_id, seq, "forward_backward", rejected, body
+        )
+        return {"request_id": request_id, "model_id": model_id}
+
+    def build(_s: DbSession, run: Run) -> BaseModel:
+        spec = state.catalog.get(run.base_model)
+        check_forward_backward(
+            op,
+            vocab=state.catalog.vocab_size(run.base_model),
+            max_len=spec.max_model_len,
+            max_datums=state.settings.max_datums_per_request,
+        )
+        return op
+
+    request_id = await run_in_threadpool(_submit_run_op, state, tenant, model_id, seq, "forward_backward", build, body)
+    return {"request_id": request_id, "model_id": model_id}
+
+
+async def _json_run_op(
+    request: Request, state: AppState, tenant: str, model: type[Any], kind: str, to_op: Callable[[Any], BaseModel]
+) -> dict[str, Any]:
+    body = await request.body()
+    req = await body_as(request, model)
+    seq = translate.require_seq_id(req.seq_id)
+
+    def build(_s: DbSession, _run: Run) -> BaseModel:
+        return to_op(req)
+
+    request_id = await run_in_threadpool(_submit_run_op, state, tenant, req.model_id, seq, kind, build, body)
+    return {"request_id": request_id, "model_id": req.model_id}
+
+
+@router.post("/api/v1/optim_step")
+async def optim_step(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    return await _json_run_op(request, state, tenant, OptimStepRequest, "optim_step", translate.optim_step_to_op)
+
+
+@router.post("/api/v1/save_weights")
+async def save_weights(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    return await _json_run_op(request, state, tenant, SaveWeightsRequest, "save_weights", translate.save_weights_to_op)
+
+
+@router.post("/api/v1/save_weights_for_sampler")
+async def save_weights_for_sampler(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    return await _json_run_op(
+        request, state, tenant, SaveWeightsForSamplerRequest, "save_weights", translate.save_weights_for_sampler_to_op
+    )
+
+
+@router.post("/api/v1/load_weights")
+async def load_weights(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    body = await request.body()
+    req = await body_as(request, LoadWeightsRequest)
+    if not req.creates_model:
+        seq = translate.require_seq_id(req.seq_id)
+        assert req.model_id is not None
+
+        def build(s: DbSession, run: Run) -> BaseModel:
+            op = translate.load_weights_to_op(req)
+            ckpt = checkpoints.resolve(s, tenant, parse_tinker_path(op.path))
+            if ckpt.base_model != run.base_model:
+                raise InvalidInput(f"{op.path} was trained on {ckpt.base_model}, this run uses {run.base_model}")
+            if ckpt.lora_config.get("rank") != run.lora_config.get("rank"):
+                raise InvalidInput(
+                    f"{op.path} has LoRA rank {ckpt.lora_config.get('rank')}, this run has {run.lora_config.get('rank')}"
+                )
+            if op.with_optimizer and not ckpt.with_optimizer:
+                raise InvalidInput(f"{op.path} holds no optimizer state (save it with save_state)")
+            return op
+
+        request_id = await run_in_threadpool(_submit_run_op, state, tenant, req.model_id, seq, "load_weights", build, body)
+        return {"request_id": request_id, "model_id": req.model_id}
+
+    # 0.38's create_training_client_from_state: one load_weights creates the run (seq 0) from the
+    # checkpoint's configuration, under the id the SDK derives itself (§0.8).
+    op = translate.load_weights_to_op(req)
+    assert req.session_id is not None and req.model_seq_id is not None
+
+    def work(s: DbSession) -> tuple[tuple[str, str], list[Wakeup]]:
+        ckpt = checkpoints.resolve(s, tenant, parse_tinker_path(op.path))
+        if req.base_model and req.base_model != ckpt.base_model:
+            raise InvalidInput(f"{op.path} was trained on {ckpt.base_model}, not {req.base_model}")
+        if op.with_optimizer and not ckpt.with_optimizer:
+            raise InvalidInput(f"{op.path} holds no optimizer state (save it with save_state)")
+        run = submit.create_run(
+            s,
+            tenant,
+            session_id=req.session_id or "",
+            model_seq_id=req.model_seq_id or 0,
+            base_model=ckpt.base_model,
+            lora=LoraConfig(**ckpt.lora_config),
+            user_metadata=req.user_metadata or {},
+            first_seq=0,
+        )
+        sub = submit.submit_run_op(s, run, 0, op)
+        return (sub.request_id, run.run_id), [sub.wakeup] if sub.wakeup else []
+
+    request_id, model_id = await run_in_threadpool(state.submit, work)
+    return {"request_id": request_id, "model_id": model_id}
+
+
+@router.post("/api/v1/weights_info")
+async def weights_info(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    req = await body_as(request, WeightsInfoRequest)
+    path = parse_tinker_path(req.tinker_path)
+
+    def work() -> dict[str, Any]:
+        with state.db.read() as s:
+            ckpt = checkpoints.resolve(s, tenant, path)
+            lora = ckpt.lora_config
+            return {
+                "base_model": ckpt.base_model,
+                "is_lora": True,
+                "lora_rank": lora.get("rank"),
+                "train_unembed": lora.get("train_unembed"),
+                "train_mlp": lora.get("train_mlp"),
+                "train_attn": lora.get("train_attn"),
+            }
+
+    return await run_in_threadpool(work)

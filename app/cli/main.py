@@ -1,0 +1,125 @@
+"""The `tuft` command: launch (embedded default), api, worker, db, keys.
+
+Options mirror the original TuFT's `tuft launch --port --config`. The worker is always a separate
+process (`python -m workers`): the API side never imports torch or the worker code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from app.config import DEFAULT_PORT, ConfigError, Settings, load_settings
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML config file (see docs/configuration.md)")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory (default ~/.tuft)")
+    p.add_argument("--database-url", default=None, help="PostgreSQL URL; default: SQLite in the data dir")
+    p.add_argument("--redis-url", default=None, help="Redis URL for the Celery doorbell; default: none")
+
+
+def _add_server(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuft", description="TuFT: a durable, self-hosted Tinker-compatible server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    launch = sub.add_parser("launch", help="migrate, start one worker and serve the API (embedded default)")
+    _add_common(launch)
+    _add_server(launch)
+    launch.add_argument("--device", default=None, help="worker device: auto | cpu | cuda")
+
+    api = sub.add_parser("api", help="serve the API only (deployments)")
+    _add_common(api)
+    _add_server(api)
+    api.add_argument("--migrate", action="store_true", help="run database migrations before serving")
+
+    worker = sub.add_parser("worker", help="run one worker (one per GPU)")
+    _add_common(worker)
+    worker.add_argument("--gpu", type=int, default=None, help="GPU index to pin")
+    worker.add_argument("--device", default=None, help="cpu | cuda | auto")
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, text in (("upgrade", "apply all migrations"), ("check", "fail if models and schema differ")):
+        p = db_sub.add_parser(name, help=text)
+        _add_common(p)
+
+    keys = sub.add_parser("keys", help="API keys (stored hashed)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it once")
+    _add_common(create)
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default="")
+    lst = keys_sub.add_parser("list", help="list keys (prefixes only)")
+    _add_common(lst)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id or prefix")
+    _add_common(revoke)
+    revoke.add_argument("key", help="key id (from `tuft keys list`) or the key's prefix")
+    for p in (create, lst, revoke):
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        getattr(args, "config", None),
+        data_dir=getattr(args, "data_dir", None),
+        database_url=getattr(args, "database_url", None),
+        redis_url=getattr(args, "redis_url", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        worker_device=getattr(args, "device", None),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        # Replace this process with the worker so signals and exit codes are the worker's own.
+        cmd = [sys.executable, "-m", "workers"]
+        for flag in ("config", "data_dir", "database_url", "redis_url", "gpu", "device"):
+            value = getattr(args, flag)
+            if value is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(value)]
+        os.execv(sys.executable, cmd)
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        print(f"tuft: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "launch":
+        from app.cli.serve import launch
+
+        return launch(settings)
+    if args.command == "api":
+        from app.cli.serve import serve_api
+
+        return serve_api(settings, run_migrations=args.migrate)
+    if args.command == "db":
+        from app.db import migrate
+
+        url = settings.resolved_database_url()
+        if args.db_command == "upgrade":
+            settings.resolved_data_dir().mkdir(parents=True, exist_ok=True)
+            migrate.upgrade(url)
+            print(f"database at head: {migrate.redact(url)}")
+        else:
+            migrate.check(url)
+            print("schema matches the models")
+        return 0
+    if args.command == "keys":
+        from app.cli.keys import run_keys
+
+        return run_keys(settings, args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Serving: `tuft api` (API only) and `tuft launch` (API + one supervised worker process)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from app.config import Settings, settings_env
+from app.db import migrate
+
+log = logging.getLogger("tuft")
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _uvicorn(settings: Settings) -> None:
+    import uvicorn
+
+    from app.api.main import create_app
+
+    # The SDK keeps connections alive between polls; keep them longer than its poll gap.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_keep_alive=75,
+        access_log=False,
+    )
+
+
+def serve_api(settings: Settings, *, run_migrations: bool = False) -> int:
+    """API replicas do not migrate by default: several racing migrations is how schemas break.
+    Deployments run `tuft db upgrade` once (compose.yaml's migrate service)."""
+    _configure_logging()
+    url = settings.resolved_database_url()
+    if run_migrations:
+        settings.resolved_data_dir().mkdir(parents=True, exist_ok=True)
+        migrate.upgrade(url)
+    elif not migrate.at_head(url):
+        print("tuft api: the database schema is not at head; run `tuft db upgrade` first", file=sys.stderr)
+        return 2
+    _uvicorn(settings)
+    return 0
+
+
+class WorkerSupervisor(threading.Thread):
+    """Keeps `launch`'s worker process alive: a crashed worker is restarted (its runs are rebuilt
+    from the database by the new process), with a backoff so a broken setup does not spin."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="tuft-worker-supervisor", daemon=True)
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **settings_env(self.settings)}
+        return subprocess.Popen([sys.executable, "-m", "workers"], env=env)
+
+    def run(self) -> None:
+        backoff = 1.0
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            self.proc = self._spawn()
+            code = self.proc.wait()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            log.error("worker exited with code %s; restarting in %.0fs", code, backoff)
+            self.stopping.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def shutdown(self, grace: float = 30.0) -> None:
+        self.stopping.set()
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def launch(settings: Settings) -> int:
+    _configure_logging()
+    data_dir = settings.resolved_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    migrate.upgrade(url)
+    log.info("TuFT on http://%s:%d (database %s, data %s)", settings.host, settings.port, migrate.redact(url), data_dir)
+    supervisor = WorkerSupervisor(settings)
+    supervisor.start()
+    try:
+        _uvicorn(settings)
+    finally:
+        supervisor.shutdown()
+    return 0

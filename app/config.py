@@ -1,0 +1,174 @@
+"""Settings: one object, built once per process and passed down (no import-time globals).
+
+Precedence, lowest first: defaults < YAML config file < TUFT_* environment variables < CLI flags.
+Child processes started by `tuft launch` receive the parent's resolved settings as JSON in
+TUFT_SETTINGS_JSON, so the API and its worker can never disagree about a path or a URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.domain.models import ModelSpec, builtin_tiny_spec
+
+DEV_API_KEY = "tml-local-dev-key"
+DEFAULT_PORT = 10610
+SETTINGS_ENV = "TUFT_SETTINGS_JSON"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+class ApiKeyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    tenant: str = "default"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = Path("~/.tuft")
+    # Defaults to <data_dir>/checkpoints. Must be shared storage when workers run on several hosts.
+    checkpoint_dir: Path | None = None
+    # None means the embedded default: SQLite file <data_dir>/tuft.db and no broker.
+    database_url: str | None = None
+    redis_url: str | None = None
+
+    supported_models: list[ModelSpec] = Field(default_factory=list)
+    # The built-in tiny model is listed first unless switched off.
+    include_builtin_model: bool = True
+
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    # None: the dev key is accepted only in the embedded default (no database_url).
+    dev_key_enabled: bool | None = None
+
+    # retrieve_future is held at most this long, then answered try_again: well under the SDK's
+    # 45 s read timeout (tinker-protocol.md §1.7, §3.4).
+    long_poll_seconds: float = 25.0
+    # How often the API's single poller looks for finished futures while someone waits.
+    future_poll_interval: float = 0.05
+
+    # Leases: a worker renews its runs every heartbeat; another worker may take a run over once its
+    # lease is older than the TTL (judged by the database clock).
+    lease_ttl_seconds: float = 15.0
+    heartbeat_seconds: float = 2.0
+    # Worker poll tick: the whole wake-up mechanism in embedded mode, a safety net with Redis.
+    worker_poll_seconds: float = 0.1
+
+    # Request limits (HTTP 413 above them).
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_decompressed_bytes: int = 256 * 1024 * 1024
+    max_datums_per_request: int = 4096
+    max_samples_per_request: int = 64
+
+    # Sessions without a heartbeat for this long are reported as expired in listings.
+    session_timeout_seconds: float = 600.0
+
+    # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
+    worker_device: str = "auto"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    def resolved_checkpoint_dir(self) -> Path:
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir.expanduser().resolve()
+        return self.resolved_data_dir() / "checkpoints"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir() / 'tuft.db'}"
+
+    def models(self) -> list[ModelSpec]:
+        specs = list(self.supported_models)
+        if self.include_builtin_model and all(s.model_name != builtin_tiny_spec().model_name for s in specs):
+            specs.insert(0, builtin_tiny_spec())
+        return specs
+
+    def dev_key_active(self) -> bool:
+        return self.embedded if self.dev_key_enabled is None else self.dev_key_enabled
+
+    def configured_keys(self) -> dict[str, str]:
+        """Plain-text keys from the config file (and the dev key) -> tenant."""
+        keys = {k.key: k.tenant for k in self.api_keys}
+        if self.dev_key_active():
+            keys.setdefault(DEV_API_KEY, "default")
+        return keys
+
+
+_ENV_FIELDS = {
+    "TUFT_DATA_DIR": "data_dir",
+    "TUFT_CHECKPOINT_DIR": "checkpoint_dir",
+    "TUFT_DATABASE_URL": "database_url",
+    "TUFT_REDIS_URL": "redis_url",
+    "TUFT_HOST": "host",
+    "TUFT_PORT": "port",
+}
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from an optional YAML file, TUFT_* variables and explicit overrides."""
+    inherited = os.environ.get(SETTINGS_ENV)
+    if inherited and config_file is None and not overrides:
+        return Settings.model_validate_json(inherited)
+
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
+        values.update(loaded)
+    for env, field in _ENV_FIELDS.items():
+        if os.environ.get(env):
+            values[field] = os.environ[env]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    names = [m.model_name for m in settings.models()]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"supported_models lists a model name twice: {names}")
+    if not names:
+        raise ConfigError("no models: list supported_models or keep include_builtin_model on")
+    for key in settings.configured_keys():
+        if not key.startswith("tml-"):
+            # The SDK refuses any key without this prefix before sending a byte (tinker-protocol.md §0.1).
+            raise ConfigError(f"API key {key[:8]}... must start with 'tml-'")
+    if settings.long_poll_seconds >= 40:
+        raise ConfigError("long_poll_seconds must stay below the SDK's 45 s read timeout")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment for a child process that must see exactly these settings."""
+    return {SETTINGS_ENV: settings.model_dump_json()}
+
+
+def dump_settings(settings: Settings) -> str:
+    return json.dumps(json.loads(settings.model_dump_json()), indent=2)

@@ -1,0 +1,173 @@
+"""Tables. Times are float seconds since the epoch taken from the database clock
+(app/db/engine.py::db_now), so leases are judged by one clock whatever the hosts' clocks say."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # sha256 of the key: a leaked database does not leak usable keys.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    tenant: Mapped[str] = mapped_column(String(200), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200), index=True)
+    sdk_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    display_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(64))
+    # Celery queue that wakes this worker (gpu.<host>.<index>); the doorbell routes a run's
+    # wake-up to its owner's queue.
+    queue: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Run(Base):
+    """A training run (= Tinker model id). Lease fields implement reliability-design.md §2.3."""
+
+    __tablename__ = "runs"
+    __table_args__ = (UniqueConstraint("session_id", "model_seq_id"),)
+
+    run_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.session_id"), index=True)
+    tenant: Mapped[str] = mapped_column(String(200), index=True)
+    model_seq_id: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(200))
+    lora_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # active | blocked | paused | cancelled
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    owner_worker: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
+    # Fencing token: bumped on every (re)assignment; every worker write carries the epoch it holds.
+    lease_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The op with seq == next_seq is the only one that may run; applied_seq is the last one whose
+    # effect (and result) committed.
+    next_seq: Mapped[int] = mapped_column(Integer)
+    applied_seq: Mapped[int] = mapped_column(Integer)
+    optimizer_steps: Mapped[int] = mapped_column(Integer, default=0)
+    last_snapshot_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_request_at: Mapped[float] = mapped_column(Float)
+
+
+class Op(Base):
+    """One durable Tinker operation = one future. The row is committed before its request_id is
+    returned; its result or error is served from here."""
+
+    __tablename__ = "ops"
+    __table_args__ = (
+        UniqueConstraint("run_id", "seq"),
+        UniqueConstraint("sampler_id", "sampler_seq"),
+        Index("ix_ops_kind_status", "kind", "status"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200), index=True)
+    # Training ops: (run_id, seq). Sampling ops: (sampler_id, sampler_seq). create_model: run_id only.
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.run_id"), nullable=True)
+    seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sampler_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    sampler_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    mutates: Mapped[bool] = mapped_column(Boolean, default=False)
+    # sha256 of the canonical op: the same (run, seq) with another body is a 409.
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # queued | running | succeeded | failed
+    status: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # Sampling ops are not under a run lease; a claim expires so a dead worker's sample is retaken.
+    claim_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_category: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Sampler(Base):
+    __tablename__ = "samplers"
+
+    sampler_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.session_id"), index=True)
+    tenant: Mapped[str] = mapped_column(String(200), index=True)
+    base_model: Mapped[str] = mapped_column(String(200))
+    # tinker:// path of the sampler weights, None for the bare base model.
+    model_path: Mapped[str | None] = mapped_column(String(400), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "kind", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(200), index=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # training | sampler
+    name: Mapped[str] = mapped_column(String(200))
+    # Relative to the checkpoint directory, so the store can be moved or mounted elsewhere.
+    storage_path: Mapped[str] = mapped_column(String(400))
+    base_model: Mapped[str] = mapped_column(String(200))
+    lora_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    with_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Ephemeral sampler weights (save_weights_and_get_sampling_client) are not listed.
+    ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_by_op: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Snapshot(Base):
+    """Recovery snapshots (adapter + optimizer at a gradient-clean point), registered under the
+    fence; GPU state = latest verified snapshot + replay of the mutating ops after it."""
+
+    __tablename__ = "snapshots"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), primary_key=True)
+    applied_seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    storage_path: Mapped[str] = mapped_column(String(400))
+    optimizer_steps: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)

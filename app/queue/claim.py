@@ -1,0 +1,116 @@
+"""Finding and claiming work (reliability-design.md §4.4 "Claim").
+
+Training ops run strictly in seq order: only the op whose seq equals its run's next_seq is ready,
+so a gap (a later chunk that arrived first) simply waits. Sampling ops are independent and go to
+whichever worker claims them first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.orm import Session as DbSession
+
+from app.db.engine import db_now
+from app.db.models import Op, Run
+
+
+@dataclass(frozen=True)
+class ReadyOp:
+    request_id: str
+    run_id: str
+    seq: int
+    epoch: int
+    kind: str
+    status: str  # queued | running (a stale claim) | failed (rejected at submission)
+    payload: bytes
+
+
+def ready_run_ops(s: DbSession, worker_id: str) -> list[ReadyOp]:
+    """The next op of every active run this worker owns, in one query."""
+    rows = s.execute(
+        select(Op.request_id, Op.run_id, Op.seq, Run.lease_epoch, Op.kind, Op.status, Op.payload)
+        .join(Run, and_(Op.run_id == Run.run_id, Op.seq == Run.next_seq))
+        .where(Run.owner_worker == worker_id, Run.status == "active", Op.status != "succeeded")
+        .order_by(Run.last_request_at)
+    ).all()
+    return [ReadyOp(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def claim_run_op(s: DbSession, worker_id: str, op: ReadyOp) -> bool:
+    """Mark the op running under our epoch; False if the lease or the op moved meanwhile."""
+    still_ours = (
+        select(Run.run_id)
+        .where(
+            Run.run_id == op.run_id,
+            Run.owner_worker == worker_id,
+            Run.lease_epoch == op.epoch,
+            Run.next_seq == op.seq,
+        )
+        .exists()
+    )
+    result = s.execute(
+        update(Op)
+        .where(Op.request_id == op.request_id, Op.status.in_(("queued", "running")), still_ours)
+        .values(
+            status="running",
+            attempt=Op.attempt + 1,
+            claimed_epoch=op.epoch,
+            claimed_by=worker_id,
+            started_at=db_now(s),
+        )
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class ClaimedSample:
+    request_id: str
+    sampler_id: str
+    payload: bytes
+
+
+def claim_sample(s: DbSession, worker_id: str, claim_ttl: float) -> ClaimedSample | None:
+    """Take the oldest queued sample. Postgres: SKIP LOCKED lets workers claim side by side;
+    SQLite: BEGIN IMMEDIATE already serialises writers (FOR UPDATE is dropped there)."""
+    now = db_now(s)
+    row = s.execute(
+        select(Op.request_id, Op.sampler_id, Op.payload)
+        .where(Op.kind == "sample", Op.status == "queued")
+        .order_by(Op.created_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).first()
+    if row is None:
+        return None
+    s.execute(
+        update(Op)
+        .where(Op.request_id == row[0])
+        .values(
+            status="running",
+            attempt=Op.attempt + 1,
+            claimed_by=worker_id,
+            claim_expires_at=now + claim_ttl,
+            started_at=now,
+        )
+    )
+    return ClaimedSample(row[0], row[1] or "", row[2])
+
+
+def requeue_expired_samples(s: DbSession) -> int:
+    """Samples whose worker stopped renewing its claim go back to the queue."""
+    result = s.execute(
+        update(Op)
+        .where(Op.kind == "sample", Op.status == "running", Op.claim_expires_at < db_now(s))
+        .values(status="queued", claimed_by=None, claim_expires_at=None)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def renew_sample_claims(s: DbSession, worker_id: str, claim_ttl: float) -> None:
+    s.execute(
+        update(Op)
+        .where(Op.kind == "sample", Op.status == "running", Op.claimed_by == worker_id)
+        .values(claim_expires_at=db_now(s) + claim_ttl)
+    )

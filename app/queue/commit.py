@@ -1,0 +1,121 @@
+"""Fenced commits (reliability-design.md §2.3).
+
+An op is done exactly when its result and the run's applied_seq commit in one transaction guarded
+by the worker's lease epoch. Zero rows updated means the lease moved on (this worker is a zombie)
+or the op was already committed: the caller must discard its state for the run and stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session as DbSession
+
+from app.db.engine import db_now
+from app.db.models import Op, Run
+
+
+class Fenced(Exception):
+    """This worker no longer holds the lease it wrote under; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: bytes | None = None
+    error_message: str | None = None
+    error_category: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error_message is not None
+
+
+def commit_run_op(
+    s: DbSession,
+    *,
+    worker_id: str,
+    run_id: str,
+    seq: int,
+    epoch: int,
+    request_id: str,
+    outcome: Outcome,
+    optimizer_steps_delta: int = 0,
+) -> None:
+    """Advance the run past `seq` and record the op's outcome, or raise Fenced (caller rolls back)."""
+    now = db_now(s)
+    advanced = s.execute(
+        update(Run)
+        .where(
+            Run.run_id == run_id,
+            Run.owner_worker == worker_id,
+            Run.lease_epoch == epoch,
+            Run.next_seq == seq,
+        )
+        .values(
+            applied_seq=seq,
+            next_seq=seq + 1,
+            optimizer_steps=Run.optimizer_steps + optimizer_steps_delta,
+        )
+    )
+    if advanced.rowcount != 1:  # type: ignore[attr-defined]
+        raise Fenced(f"run {run_id} seq {seq}: lease epoch {epoch} is no longer current")
+    recorded = s.execute(
+        update(Op)
+        .where(Op.request_id == request_id, Op.status == "running", Op.claimed_epoch == epoch)
+        .values(
+            status="failed" if outcome.failed else "succeeded",
+            result=outcome.result,
+            error_message=outcome.error_message,
+            error_category=outcome.error_category,
+            finished_at=now,
+        )
+    )
+    if recorded.rowcount != 1:  # type: ignore[attr-defined]
+        raise Fenced(f"op {request_id} is no longer claimed under epoch {epoch}")
+
+
+def skip_rejected_op(s: DbSession, *, worker_id: str, run_id: str, seq: int, epoch: int) -> None:
+    """Move past an op that the API already failed at submission (its future is terminal)."""
+    advanced = s.execute(
+        update(Run)
+        .where(Run.run_id == run_id, Run.owner_worker == worker_id, Run.lease_epoch == epoch, Run.next_seq == seq)
+        .values(applied_seq=seq, next_seq=seq + 1)
+    )
+    if advanced.rowcount != 1:  # type: ignore[attr-defined]
+        raise Fenced(f"run {run_id} seq {seq}: lease epoch {epoch} is no longer current")
+
+
+def commit_sample(s: DbSession, *, worker_id: str, request_id: str, outcome: Outcome) -> None:
+    recorded = s.execute(
+        update(Op)
+        .where(Op.request_id == request_id, Op.status == "running", Op.claimed_by == worker_id)
+        .values(
+            status="failed" if outcome.failed else "succeeded",
+            result=outcome.result,
+            error_message=outcome.error_message,
+            error_category=outcome.error_category,
+            finished_at=db_now(s),
+            claim_expires_at=None,
+        )
+    )
+    if recorded.rowcount != 1:  # type: ignore[attr-defined]
+        raise Fenced(f"sample {request_id} is no longer claimed by {worker_id}")
+
+
+def block_run(s: DbSession, *, worker_id: str, run_id: str, epoch: int, reason: str) -> int:
+    """The run cannot continue (its state cannot be rebuilt): stop it and fail its waiting ops with
+    category `server` so no client waits forever. Returns how many ops were failed."""
+    blocked = s.execute(
+        update(Run)
+        .where(Run.run_id == run_id, Run.owner_worker == worker_id, Run.lease_epoch == epoch)
+        .values(status="blocked")
+    )
+    if blocked.rowcount != 1:  # type: ignore[attr-defined]
+        raise Fenced(f"run {run_id}: lease epoch {epoch} is no longer current")
+    failed = s.execute(
+        update(Op)
+        .where(Op.run_id == run_id, Op.status.in_(("queued", "running")))
+        .values(status="failed", error_message=f"run is blocked: {reason}", error_category="server", finished_at=db_now(s))
+    )
+    return int(failed.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,47 @@
+"""Reading futures: every result and error is served from the ops table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session as DbSession
+
+from app.db.models import Op
+from app.domain.errors import NotFound
+
+TERMINAL = ("succeeded", "failed")
+
+
+@dataclass(frozen=True)
+class FutureView:
+    request_id: str
+    tenant: str
+    kind: str
+    status: str
+    result: bytes | None
+    error_message: str | None
+    error_category: str | None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
+_COLUMNS = (Op.request_id, Op.tenant, Op.kind, Op.status, Op.result, Op.error_message, Op.error_category)
+
+
+def get_future(s: DbSession, tenant: str, request_id: str) -> FutureView:
+    row = s.execute(select(*_COLUMNS).where(Op.request_id == request_id)).first()
+    # Another tenant's future is reported exactly like an unknown one: ids are never confirmed.
+    if row is None or row.tenant != tenant:
+        raise NotFound(f"future {request_id!r} not found")
+    return FutureView(*row)
+
+
+def finished_futures(s: DbSession, request_ids: list[str]) -> dict[str, FutureView]:
+    """One query for every waiter of the long-poll poller (layout-and-style.md §3 item 14)."""
+    if not request_ids:
+        return {}
+    rows = s.execute(select(*_COLUMNS).where(Op.request_id.in_(request_ids), Op.status.in_(TERMINAL))).all()
+    return {r.request_id: FutureView(*r) for r in rows}

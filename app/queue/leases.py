@@ -1,0 +1,85 @@
+"""Worker registration and run leases (reliability-design.md §2.2-2.3).
+
+A worker owns a run under a lease with an epoch. Taking a run (free, or expired by the database
+clock) bumps the epoch, so every write the previous owner might still attempt carries a stale
+epoch and is rejected by the fenced commit in commit.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import Session as DbSession
+
+from app.db.engine import db_now
+from app.db.models import Op, Run, Worker
+
+
+@dataclass(frozen=True)
+class Lease:
+    run_id: str
+    epoch: int
+
+
+def register_worker(s: DbSession, *, worker_id: str, host: str, device: str, queue: str, pid: int) -> None:
+    now = db_now(s)
+    s.add(Worker(worker_id=worker_id, host=host, device=device, queue=queue, pid=pid, started_at=now, heartbeat_at=now))
+    s.flush()
+
+
+def heartbeat(s: DbSession, worker_id: str, ttl: float) -> list[Lease]:
+    """Renew the worker row and every lease it holds; return the leases still held.
+
+    A run missing from the answer was taken over: the caller must drop its state for it.
+    """
+    now = db_now(s)
+    s.execute(update(Worker).where(Worker.worker_id == worker_id).values(heartbeat_at=now))
+    s.execute(update(Run).where(Run.owner_worker == worker_id).values(lease_expires_at=now + ttl))
+    rows = s.execute(select(Run.run_id, Run.lease_epoch).where(Run.owner_worker == worker_id)).all()
+    return [Lease(r.run_id, r.lease_epoch) for r in rows]
+
+
+def acquire_runs(s: DbSession, worker_id: str, ttl: float, limit: int = 8) -> list[Lease]:
+    """Take runs that have their next op waiting and no live owner. Each take bumps the epoch."""
+    now = db_now(s)
+    ready = exists().where(and_(Op.run_id == Run.run_id, Op.seq == Run.next_seq))
+    candidates = (
+        s.execute(
+            select(Run.run_id)
+            .where(
+                Run.status == "active",
+                or_(Run.owner_worker.is_(None), Run.lease_expires_at < now),
+                ready,
+            )
+            .order_by(Run.last_request_at)
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    taken: list[Lease] = []
+    for run_id in candidates:
+        # Guarded: a concurrent worker may have taken it between the select and this update.
+        result = s.execute(
+            update(Run)
+            .where(Run.run_id == run_id, or_(Run.owner_worker.is_(None), Run.lease_expires_at < now))
+            .values(owner_worker=worker_id, lease_epoch=Run.lease_epoch + 1, lease_expires_at=now + ttl)
+            .returning(Run.lease_epoch)
+        )
+        epoch = result.scalar_one_or_none()
+        if epoch is not None:
+            taken.append(Lease(run_id, epoch))
+    return taken
+
+
+def release_all(s: DbSession, worker_id: str) -> None:
+    """Graceful stop: hand every run back at once instead of making others wait for the TTL."""
+    s.execute(update(Run).where(Run.owner_worker == worker_id).values(owner_worker=None, lease_expires_at=None))
+    s.execute(update(Worker).where(Worker.worker_id == worker_id).values(stopped_at=db_now(s)))
+    # Samples this worker claimed but did not finish go back to the queue.
+    s.execute(
+        update(Op)
+        .where(Op.kind == "sample", Op.status == "running", Op.claimed_by == worker_id)
+        .values(status="queued", claimed_by=None, claim_expires_at=None)
+    )

@@ -1,0 +1,276 @@
+"""Writing ops: the API's side of the durable queue.
+
+Every function takes the caller's session and only flushes; the request's unit of work commits, and
+only then is the request_id handed to the client (reliability-design.md §4.4 "Submit").
+Idempotency comes from unique constraints: (run_id, seq) for training ops, (sampler_id,
+sampler_seq) for samples, (session_id, model_seq_id) for runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as DbSession
+
+from app.db.engine import db_now
+from app.db.models import Op, Run, Sampler, Session, Worker
+from app.domain import ids
+from app.domain.errors import Conflict, NotFound, SessionFinished
+from app.domain.ops import MUTATING_KINDS, LoraConfig, SampleOp, canonical_bytes, op_sha256
+from app.domain.results import CreateModelResult, result_bytes
+
+NEW_RUNS_QUEUE = "tuft.new"
+
+
+@dataclass(frozen=True)
+class Wakeup:
+    """Ring `queue` after the commit: the owner's queue, or the shared one for unowned work."""
+
+    queue: str
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    request_id: str
+    wakeup: Wakeup | None
+
+
+def get_session(s: DbSession, tenant: str, session_id: str, *, live: bool = False) -> Session:
+    row = s.get(Session, session_id)
+    if row is None or row.tenant != tenant:
+        raise NotFound(f"session {session_id!r} not found")
+    if live and row.finished_at is not None:
+        raise SessionFinished(f"session {session_id!r} was finished ({row.finish_reason})")
+    return row
+
+
+def get_run(s: DbSession, tenant: str, run_id: str) -> Run:
+    row = s.get(Run, run_id)
+    if row is None or row.tenant != tenant:
+        raise NotFound(f"training run {run_id!r} not found")
+    return row
+
+
+def get_sampler(s: DbSession, tenant: str, sampler_id: str) -> Sampler:
+    row = s.get(Sampler, sampler_id)
+    if row is None or row.tenant != tenant:
+        raise NotFound(f"sampler {sampler_id!r} not found")
+    return row
+
+
+def create_session(
+    s: DbSession,
+    tenant: str,
+    *,
+    sdk_version: str | None,
+    tags: list[str],
+    user_metadata: dict[str, object],
+    display_name: str | None,
+) -> str:
+    now = db_now(s)
+    session_id = ids.new_session_id()
+    s.add(
+        Session(
+            session_id=session_id,
+            tenant=tenant,
+            sdk_version=sdk_version,
+            tags=tags,
+            user_metadata=user_metadata,
+            display_name=display_name,
+            created_at=now,
+            last_heartbeat_at=now,
+        )
+    )
+    s.flush()
+    return session_id
+
+
+def create_run(
+    s: DbSession,
+    tenant: str,
+    *,
+    session_id: str,
+    model_seq_id: int,
+    base_model: str,
+    lora: LoraConfig,
+    user_metadata: dict[str, object],
+    first_seq: int = 1,
+) -> Run:
+    """Insert a run; the same (session, model_seq_id) again returns the existing run if its
+    configuration matches (a client retry) and is a Conflict otherwise."""
+    get_session(s, tenant, session_id, live=True)
+    run_id = ids.run_id_for(session_id, model_seq_id)
+    existing = s.get(Run, run_id)
+    lora_json = lora.model_dump()
+    if existing is not None:
+        if existing.base_model != base_model or existing.lora_config != lora_json:
+            raise Conflict(f"model_seq_id {model_seq_id} of session {session_id} already names another model")
+        return existing
+    now = db_now(s)
+    run = Run(
+        run_id=run_id,
+        session_id=session_id,
+        tenant=tenant,
+        model_seq_id=model_seq_id,
+        base_model=base_model,
+        lora_config=lora_json,
+        user_metadata=user_metadata,
+        status="active",
+        lease_epoch=0,
+        # A run made by create_model starts at seq 1 (the SDK's first training seq_id); one made by
+        # load_weights with session addressing starts at 0 with the load as its first op.
+        next_seq=first_seq,
+        applied_seq=first_seq - 1,
+        optimizer_steps=0,
+        created_at=now,
+        last_request_at=now,
+    )
+    s.add(run)
+    s.flush()
+    return run
+
+
+def record_create_model(s: DbSession, run: Run) -> str:
+    """The create_model future: complete at birth (the adapter is initialised lazily and
+    deterministically by whichever worker takes the run), but still a durable row."""
+    request_id = f"create-{run.run_id}"
+    if s.get(Op, request_id) is None:
+        now = db_now(s)
+        result = CreateModelResult(model_id=run.run_id)
+        s.add(
+            Op(
+                request_id=request_id,
+                tenant=run.tenant,
+                run_id=run.run_id,
+                seq=None,
+                kind="create_model",
+                mutates=False,
+                request_sha256=run.run_id,
+                payload=b"{}",
+                status="succeeded",
+                result=result_bytes(result),
+                created_at=now,
+                finished_at=now,
+            )
+        )
+        s.flush()
+    return request_id
+
+
+def _wakeup_for_run(s: DbSession, run: Run) -> Wakeup:
+    if run.owner_worker is not None:
+        worker = s.get(Worker, run.owner_worker)
+        if worker is not None and worker.stopped_at is None:
+            return Wakeup(worker.queue, run.run_id)
+    return Wakeup(NEW_RUNS_QUEUE, run.run_id)
+
+
+def _insert_or_dedupe(s: DbSession, op_row: Op, key_filter: list[object], what: str) -> str:
+    """Insert op_row; if its unique key is taken, return the existing request_id when the stored
+    body is identical (a client retry), raise Conflict otherwise."""
+    existing = s.execute(select(Op).where(*key_filter)).scalar_one_or_none()  # type: ignore[arg-type]
+    if existing is None:
+        try:
+            with s.begin_nested():
+                s.add(op_row)
+                s.flush()
+            return op_row.request_id
+        except IntegrityError:
+            # Lost a race with a concurrent retry of the same request: fall through to compare.
+            existing = s.execute(select(Op).where(*key_filter)).scalar_one()  # type: ignore[arg-type]
+    if existing.request_sha256 != op_row.request_sha256 or existing.tenant != op_row.tenant:
+        raise Conflict(f"{what} was already used for a different request")
+    return existing.request_id
+
+
+def submit_run_op(
+    s: DbSession,
+    run: Run,
+    seq: int,
+    op: BaseModel | None,
+    *,
+    rejected: str | None = None,
+    kind: str | None = None,
+    raw: bytes = b"",
+) -> Submitted:
+    """Queue op `seq` of `run`. With `rejected`, the op is recorded as already failed (category
+    user): the client still gets a future, and the run does not stall on a missing seq. A request
+    too broken to become an op is stored as its raw bytes (op None, `kind` given)."""
+    if seq < run.next_seq and s.execute(select(Op.request_id).where(Op.run_id == run.run_id, Op.seq == seq)).first() is None:
+        raise Conflict(f"seq_id {seq} of {run.run_id} is in the past (next is {run.next_seq})")
+    now = db_now(s)
+    if op is not None:
+        kind = str(getattr(op, "kind", "unknown"))
+        payload, digest = canonical_bytes(op), op_sha256(op)
+    else:
+        assert rejected is not None and kind is not None, "only rejected requests may lack an op"
+        payload, digest = raw, hashlib.sha256(raw).hexdigest()
+    row = Op(
+        request_id=ids.new_request_id(),
+        tenant=run.tenant,
+        run_id=run.run_id,
+        seq=seq,
+        kind=kind,
+        # forward() shares the forward_backward kind but changes nothing: never replayed.
+        mutates=kind in MUTATING_KINDS and not getattr(op, "forward_only", False) and not rejected,
+        request_sha256=digest,
+        payload=payload,
+        status="failed" if rejected else "queued",
+        attempt=0,
+        error_message=rejected,
+        error_category="user" if rejected else None,
+        created_at=now,
+        finished_at=now if rejected else None,
+    )
+    request_id = _insert_or_dedupe(s, row, [Op.run_id == run.run_id, Op.seq == seq], f"seq_id {seq} of {run.run_id}")
+    run.last_request_at = now
+    return Submitted(request_id, _wakeup_for_run(s, run))
+
+
+def create_sampler(
+    s: DbSession, tenant: str, *, session_id: str, sampling_session_seq_id: int, base_model: str, model_path: str | None
+) -> Sampler:
+    get_session(s, tenant, session_id, live=True)
+    sampler_id = ids.sampler_id_for(session_id, sampling_session_seq_id)
+    existing = s.get(Sampler, sampler_id)
+    if existing is not None:
+        if existing.base_model != base_model or existing.model_path != model_path:
+            raise Conflict(f"sampling_session_seq_id {sampling_session_seq_id} already names another sampler")
+        return existing
+    sampler = Sampler(
+        sampler_id=sampler_id,
+        session_id=session_id,
+        tenant=tenant,
+        base_model=base_model,
+        model_path=model_path,
+        created_at=db_now(s),
+    )
+    s.add(sampler)
+    s.flush()
+    return sampler
+
+
+def submit_sample(s: DbSession, sampler: Sampler, seq: int, op: SampleOp) -> Submitted:
+    now = db_now(s)
+    row = Op(
+        request_id=ids.new_request_id(),
+        tenant=sampler.tenant,
+        sampler_id=sampler.sampler_id,
+        sampler_seq=seq,
+        kind="sample",
+        mutates=False,
+        request_sha256=op_sha256(op),
+        payload=canonical_bytes(op),
+        status="queued",
+        attempt=0,
+        created_at=now,
+    )
+    request_id = _insert_or_dedupe(
+        s, row, [Op.sampler_id == sampler.sampler_id, Op.sampler_seq == seq], f"seq_id {seq} of sampler {sampler.sampler_id}"
+    )
+    return Submitted(request_id, Wakeup(NEW_RUNS_QUEUE, None))

@@ -1,0 +1,153 @@
+"""`python -m workers` (what `tuft worker` runs): one worker process per GPU, or one on the CPU.
+
+CUDA_VISIBLE_DEVICES is set before torch is imported, so the process only ever sees its own GPU.
+With a Redis URL the process is a Celery worker (solo pool, its own queue plus the shared queue
+for unassigned runs) whose single task rings the runner's wake event; without one, the runner
+polls the database by itself (the embedded default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from app.config import ConfigError, Settings, load_settings
+from app.queue.submit import NEW_RUNS_QUEUE
+
+log = logging.getLogger("tuft.worker")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tuft worker", description="Run one TuFT GPU/CPU worker.")
+    p.add_argument("--gpu", type=int, default=None, help="GPU index to pin (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: settings.worker_device)")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--worker-id", default=None)
+    return p.parse_args(argv)
+
+
+def _device(args: argparse.Namespace, settings: Settings) -> str:
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        return "cuda"
+    choice = args.device or settings.worker_device
+    if choice == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def _wait_for_schema(settings: Settings, db: object, register: object) -> None:
+    """The API (or `tuft db upgrade`) migrates; a worker started first waits for the tables."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            register()  # type: ignore[operator]
+            return
+        except Exception as exc:  # noqa: BLE001
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting for the database schema (%s)", type(exc).__name__)
+            time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.config or args.database_url or args.redis_url or args.data_dir:
+            settings = load_settings(
+                args.config, database_url=args.database_url, redis_url=args.redis_url, data_dir=args.data_dir
+            )
+        else:
+            settings = load_settings()
+    except ConfigError as exc:
+        print(f"tuft worker: {exc}", file=sys.stderr)
+        return 2
+    device = _device(args, settings)
+
+    # Imported only now: torch must not see CUDA before CUDA_VISIBLE_DEVICES is set.
+    from app.db.engine import Database
+    from app.queue import leases
+    from workers.engine import OpInputError, TorchEngine
+    from workers.heartbeat import Heartbeat
+    from workers.runner import Runner
+
+    host = socket.gethostname()
+    worker_id = args.worker_id or f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    queue = f"gpu.{host}.{args.gpu}" if args.gpu is not None else f"{device}.{host}.{os.getpid()}"
+    db = Database(settings.resolved_database_url(), process_name=f"worker-{worker_id}")
+    engine = TorchEngine(settings.models(), device=device, cache_dir=settings.resolved_data_dir() / "cache")
+    runner = Runner(settings, db, engine, worker_id=worker_id, user_errors=(OpInputError,))
+
+    def register() -> None:
+        with db.write() as s:
+            leases.register_worker(s, worker_id=worker_id, host=host, device=device, queue=queue, pid=os.getpid())
+
+    _wait_for_schema(settings, db, register)
+    log.info("worker %s on %s serving %s (queue %s)", worker_id, device, [m.model_name for m in settings.models()], queue)
+    heartbeat = Heartbeat(
+        db,
+        worker_id,
+        interval=settings.heartbeat_seconds,
+        ttl=settings.lease_ttl_seconds,
+        states=runner.states,
+        stop=runner.stop,
+    )
+    heartbeat.start()
+
+    def _stop(*_: object) -> None:
+        runner.stop.set()
+        runner.wake.set()
+
+    try:
+        if settings.redis_url:
+            from workers.celery_app import make_celery
+
+            loop = threading.Thread(target=runner.run_forever, name="tuft-runner", daemon=True)
+            loop.start()
+            celery = make_celery(settings.redis_url, runner.wake)
+            celery.worker_main(
+                [
+                    "worker",
+                    "--pool=solo",
+                    "--concurrency=1",
+                    f"--queues={queue},{NEW_RUNS_QUEUE}",
+                    f"--hostname={worker_id}@{host}",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--loglevel=INFO",
+                ]
+            )
+            _stop()
+            loop.join(timeout=30)
+        else:
+            signal.signal(signal.SIGTERM, _stop)
+            signal.signal(signal.SIGINT, _stop)
+            runner.run_forever()
+    finally:
+        _stop()
+        try:
+            with db.write() as s:
+                leases.release_all(s, worker_id)
+            log.info("worker %s released its runs", worker_id)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not release runs on exit: %s", exc)
+        db.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

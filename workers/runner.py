@@ -1,0 +1,304 @@
+"""The worker loop: wait (wake-up | poll tick | stop) -> take runs -> claim -> execute -> fenced commit.
+
+One thread drives the engine. The Celery message (or nothing, in embedded mode) only shortens the
+wait; which op runs next is decided by committed database state alone (reliability-design.md §1.6).
+The engine's state for a run is a cache of "fresh adapter + replay of the run's mutating ops up to
+applied_seq" (recovery.py); whenever that cache may be wrong it is dropped and rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session as DbSession
+
+from app.config import Settings
+from app.db.engine import Database
+from app.db.models import Run, Sampler
+from app.domain import ids
+from app.domain.errors import DomainError
+from app.domain.ops import LoadWeightsOp, SampleOp, SaveWeightsOp, parse_op
+from app.domain.results import LoadWeightsResult, SaveWeightsResult, result_bytes
+from app.queue import checkpoints, claim, commit, leases
+from app.queue.claim import ReadyOp
+from app.queue.commit import Fenced, Outcome
+from workers.execute import Engine, apply_mutation, write_checkpoint
+from workers.recovery import RunStates
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How often stale sample claims are swept back into the queue.
+_SAMPLE_SWEEP_SECONDS = 5.0
+
+
+class UserError(Exception):
+    """An input problem found while executing: the op fails with category `user`."""
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        engine: Engine,
+        *,
+        worker_id: str,
+        user_errors: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.engine = engine
+        self.worker_id = worker_id
+        self.checkpoint_dir = settings.resolved_checkpoint_dir()
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.user_errors: tuple[type[BaseException], ...] = (UserError, DomainError, *user_errors)
+        self.states = RunStates(db, engine, self._resolve_checkpoint_dir)
+        self._last_sample_sweep = 0.0
+
+    # ---- loop ------------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        while not self.stop.is_set():
+            try:
+                busy = self.step()
+            except DBAPIError as exc:
+                # Database restarting or unreachable: nothing was committed; try again shortly.
+                log.warning("database error in worker loop (will retry): %s", exc.__class__.__name__)
+                busy = False
+                self.stop.wait(1.0)
+            if not busy:
+                self.wake.wait(self.settings.worker_poll_seconds)
+                self.wake.clear()
+
+    def step(self) -> bool:
+        """Do one round of work; True if anything ran (so the loop goes again without waiting)."""
+        self.states.drop_lost_runs()
+        with self.db.write() as s:
+            leases.acquire_runs(s, self.worker_id, self.settings.lease_ttl_seconds)
+        with self.db.read() as s:
+            ready = claim.ready_run_ops(s, self.worker_id)
+        for op in ready:
+            if self.stop.is_set():
+                return True
+            self._run_op_safely(op)
+        return self._sample_once() or bool(ready)
+
+    def _run_op_safely(self, op: ReadyOp) -> None:
+        try:
+            self._run_op(op)
+        except DBAPIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a replay that cannot complete
+            log.exception("run %s cannot continue at seq %d; blocking it", op.run_id, op.seq)
+            self.states.discard(op.run_id)
+            reason = f"{type(exc).__name__}: {exc}"
+            try:
+                self._commit(lambda s: commit.block_run(s, worker_id=self.worker_id, run_id=op.run_id, epoch=op.epoch, reason=reason))
+            except Fenced:
+                pass
+
+    # ---- training ops ----------------------------------------------------------------------
+    def _run_op(self, op: ReadyOp) -> None:
+        if op.status == "failed":
+            # Rejected at submission: its future is already terminal; just move the run past it.
+            self._commit(lambda s: commit.skip_rejected_op(s, worker_id=self.worker_id, run_id=op.run_id, seq=op.seq, epoch=op.epoch))
+            self.states.advance(op.run_id, op.epoch, op.seq)
+            return
+        if not self.states.ensure(op.run_id, op.epoch, op.seq - 1):
+            return
+        with self.db.write() as s:
+            if not claim.claim_run_op(s, self.worker_id, op):
+                return
+        domain_op = parse_op(op.payload)
+        steps_before = self.engine.optimizer_steps(op.run_id)
+        extra: Callable[[DbSession], None] | None = None
+        try:
+            result, extra = self._execute(op, domain_op)
+            outcome = Outcome(result=result_bytes(result))
+        except self.user_errors as exc:
+            log.info("op %s (%s seq %d) failed on user input: %s", op.request_id, op.run_id, op.seq, exc)
+            outcome = Outcome(error_message=str(exc), error_category="user")
+        except Exception as exc:  # noqa: BLE001 - any engine failure must fail the op, not the worker
+            log.exception("op %s (%s seq %d) failed", op.request_id, op.run_id, op.seq)
+            outcome = Outcome(error_message=f"{type(exc).__name__}: {exc}", error_category="server")
+            # The state may be half-updated (e.g. part of the gradients accumulated): rebuild it.
+            self.states.discard(op.run_id)
+        delta = self.engine.optimizer_steps(op.run_id) - steps_before if self.engine.has_run(op.run_id) else 0
+
+        def _write(s: DbSession) -> None:
+            commit.commit_run_op(
+                s,
+                worker_id=self.worker_id,
+                run_id=op.run_id,
+                seq=op.seq,
+                epoch=op.epoch,
+                request_id=op.request_id,
+                outcome=outcome,
+                optimizer_steps_delta=max(delta, 0),
+            )
+            if extra is not None and not outcome.failed:
+                extra(s)
+
+        try:
+            self._commit(_write)
+        except Fenced as exc:
+            log.warning("fenced out: %s; dropping the run's state", exc)
+            self.states.discard(op.run_id)
+            return
+        except self.user_errors as exc:
+            # Raised by `extra` (e.g. a checkpoint name taken meanwhile): record it as the outcome.
+            outcome = Outcome(error_message=str(exc), error_category="user")
+            self._commit(_write_without_extra(self, op, outcome))
+        if self.engine.has_run(op.run_id):
+            self.states.advance(op.run_id, op.epoch, op.seq)
+
+    def _execute(self, op: ReadyOp, domain_op: object) -> tuple[object, Callable[[DbSession], None] | None]:
+        if isinstance(domain_op, SaveWeightsOp):
+            return self._save(op, domain_op)
+        result = apply_mutation(self.engine, op.run_id, domain_op, self._resolve_checkpoint_dir)
+        if isinstance(domain_op, LoadWeightsOp):
+            return LoadWeightsResult(path=domain_op.path, model_id=op.run_id), None
+        return result, None
+
+    def _save(self, op: ReadyOp, save: SaveWeightsOp) -> tuple[SaveWeightsResult, Callable[[DbSession], None]]:
+        with self.db.read() as s:
+            run = s.get(Run, op.run_id)
+            assert run is not None
+            tenant, session_id, base_model, lora = run.tenant, run.session_id, run.base_model, dict(run.lora_config)
+            name = save.name if save.name is not None else f"ephemeral-{op.seq}"
+            existing = checkpoints.find(s, op.run_id, save.checkpoint_kind, name)
+            if existing is not None and existing.created_by_op != op.request_id and not save.overwrite:
+                raise UserError(f"checkpoint {name!r} already exists for {op.run_id}; pass overwrite=True to replace it")
+        storage = checkpoints.storage_path_for(op.run_id, save.checkpoint_kind, name)
+        path = ids.checkpoint_path(op.run_id, save.checkpoint_kind, name)
+        manifest = {
+            "tinker_path": path,
+            "run_id": op.run_id,
+            "seq": op.seq,
+            "base_model": base_model,
+            "lora_config": lora,
+            "optimizer_steps": self.engine.optimizer_steps(op.run_id),
+            "format": "peft-lora",
+        }
+        files = write_checkpoint(
+            self.engine,
+            checkpoint_dir=self.checkpoint_dir,
+            storage_path=storage,
+            run_id=op.run_id,
+            op=save,
+            request_id=op.request_id,
+            manifest=manifest,
+        )
+        sampler_id = None
+        if save.name is None and save.sampling_session_seq_id is not None:
+            sampler_id = ids.sampler_id_for(session_id, save.sampling_session_seq_id)
+
+        def _register(s: DbSession) -> None:
+            checkpoints.record(
+                s,
+                tenant=tenant,
+                run_id=op.run_id,
+                kind=save.checkpoint_kind,
+                name=name,
+                storage_path=files.storage_path,
+                base_model=base_model,
+                lora_config=lora,
+                with_optimizer=save.checkpoint_kind == "training",
+                ephemeral=save.name is None,
+                size_bytes=files.size_bytes,
+                user_metadata=save.user_metadata,
+                ttl_seconds=save.ttl_seconds,
+                request_id=op.request_id,
+                overwrite=save.overwrite,
+            )
+            if sampler_id is not None:
+                checkpoints.record_sampler(
+                    s, sampler_id=sampler_id, session_id=session_id, tenant=tenant, base_model=base_model, model_path=path
+                )
+
+        result = SaveWeightsResult(
+            checkpoint_kind=save.checkpoint_kind,
+            path=path,
+            sampling_session_id=sampler_id,
+            size_bytes=files.size_bytes,
+        )
+        return result, _register
+
+    def _resolve_checkpoint_dir(self, tinker_path: str) -> Path:
+        parsed = ids.parse_tinker_path(tinker_path)
+        with self.db.read() as s:
+            row = checkpoints.find(s, parsed.run_id, parsed.kind, parsed.name)
+            if row is None:
+                raise UserError(f"checkpoint {tinker_path} not found")
+            return self.checkpoint_dir / row.storage_path
+
+    # ---- sampling --------------------------------------------------------------------------
+    def _sample_once(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_sample_sweep > _SAMPLE_SWEEP_SECONDS:
+            self._last_sample_sweep = now
+            with self.db.write() as s:
+                claim.requeue_expired_samples(s)
+        with self.db.write() as s:
+            claimed = claim.claim_sample(s, self.worker_id, self.settings.lease_ttl_seconds)
+        if claimed is None:
+            return False
+        try:
+            op = parse_op(claimed.payload)
+            assert isinstance(op, SampleOp)
+            with self.db.read() as s:
+                sampler = s.get(Sampler, claimed.sampler_id)
+                if sampler is None:
+                    raise UserError(f"sampler {claimed.sampler_id} not found")
+                base_model, model_path = sampler.base_model, sampler.model_path
+            adapter = self._resolve_checkpoint_dir(model_path) if model_path else None
+            result = self.engine.sample(base_model, adapter, op)
+            outcome = Outcome(result=result_bytes(result))
+        except self.user_errors as exc:
+            outcome = Outcome(error_message=str(exc), error_category="user")
+        except Exception as exc:  # noqa: BLE001
+            log.exception("sample %s failed", claimed.request_id)
+            outcome = Outcome(error_message=f"{type(exc).__name__}: {exc}", error_category="server")
+        try:
+            self._commit(lambda s: commit.commit_sample(s, worker_id=self.worker_id, request_id=claimed.request_id, outcome=outcome))
+        except Fenced as exc:
+            log.warning("sample result discarded: %s", exc)
+        return True
+
+    # ---- commits ---------------------------------------------------------------------------
+    def _commit(self, write: Callable[[DbSession], T]) -> T:
+        """Commit with retries on database errors: the result is kept and only the commit is
+        retried, never the op (it may already have changed the engine state)."""
+        delay = 0.2
+        while True:
+            try:
+                with self.db.write() as s:
+                    return write(s)
+            except DBAPIError as exc:
+                if self.stop.is_set():
+                    raise
+                log.warning("commit failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _write_without_extra(runner: Runner, op: ReadyOp, outcome: Outcome) -> Callable[[DbSession], None]:
+    def _write(s: DbSession) -> None:
+        commit.commit_run_op(
+            s,
+            worker_id=runner.worker_id,
+            run_id=op.run_id,
+            seq=op.seq,
+            epoch=op.epoch,
+            request_id=op.request_id,
+            outcome=outcome,
+        )
+
+    return _write
