@@ -1,0 +1,185 @@
+"""The protobuf side of the wire: `forward_backward` requests in, fwd/bwd and sample results out.
+
+`/api/v1/forward_backward` is protobuf-only in SDK 0.25 and 0.38, and the SDK accepts
+`ForwardBackwardOutput` / `SampleResponse` results only as protobuf (tinker-protocol.md §0.3-0.4,
+§7). Everything here translates between those messages and the `app.domain` ops and results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError
+
+from app.domain.errors import InvalidInput, MalformedRequest, ServerError
+from app.domain.ops import Datum, ForwardBackwardOp
+from app.domain.results import ForwardBackwardResult, SampleResult
+from app.domain.tensors import Array
+from app.wire.compression import decompress_body
+from app.wire.proto import pb
+from app.wire.tensors import SparseBudget, array_from_proto, batched_tensor, pack_le, unpack_le
+
+PROTOBUF_MEDIA_TYPE = "application/x-protobuf"
+
+# The SDK keeps the text after the last ':' as the output class name (§7.4).
+_OUTPUT_TYPE = "ArrayRecord"
+_STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
+# Empty top-k cells, as the SDK's `topk_to_lists` recognises them (§7.3).
+_TOPK_EMPTY_TOKEN = 0
+_TOPK_EMPTY_LOGPROB = -99999.0
+
+
+def decode_forward_backward(
+    body: bytes, content_encoding: str | None, max_decompressed_bytes: int
+) -> tuple[str, int, ForwardBackwardOp]:
+    """Parse a `ForwardBackwardRequest` body into (model_id, seq_id, op).
+
+    `max_decompressed_bytes` caps both the inflated body and the memory that densifying sparse
+    tensors may take.
+    """
+    raw = decompress_body(body, content_encoding, max_decompressed_bytes)
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(raw)
+    except DecodeError as exc:
+        raise MalformedRequest(f"body is not a valid ForwardBackwardRequest protobuf: {exc}") from exc
+    if not msg.model_id:
+        raise InvalidInput("model_id is required")
+    # proto3 cannot tell an unset seq_id from 0; the SDK always sends 1, 2, 3... (§4.3, §7.2).
+    if msg.seq_id == 0:
+        raise InvalidInput("seq_id is required (training requests number from 1)")
+    if msg.seq_id < 0:
+        raise InvalidInput(f"seq_id must be positive, got {msg.seq_id}")
+    if not msg.loss_fn:
+        raise InvalidInput("loss_fn is required")
+    if not msg.data:
+        raise InvalidInput("data is empty: forward_backward needs at least one datum")
+    budget = SparseBudget(max_decompressed_bytes)
+    data = tuple(_datum(d, i, budget) for i, d in enumerate(msg.data))
+    op = ForwardBackwardOp(
+        data=data,
+        loss_fn=msg.loss_fn,
+        loss_fn_config=_loss_fn_config(msg),
+        forward_only=msg.forward_only,
+    )
+    return msg.model_id, msg.seq_id, op
+
+
+def _datum(msg: pb.Datum, index: int, budget: SparseBudget) -> Datum:
+    tokens: list[int] = []
+    for chunk in msg.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind == "encoded_text":
+            tokens.extend(_tokens(chunk.encoded_text.tokens, index))
+        elif kind in ("image", "dmel"):
+            raise InvalidInput("image/audio input is not supported by this server")
+        else:
+            raise InvalidInput(f"data[{index}]: model_input has an empty or unknown chunk")
+    if not tokens:
+        raise InvalidInput(f"data[{index}]: model_input has no tokens")
+    # Protobuf maps have no defined order; sorting keeps the op's canonical bytes, and so the
+    # queue's dedupe hash, identical for every encoding of the same request.
+    inputs = {
+        name: array_from_proto(msg.loss_fn_inputs[name], f"data[{index}].loss_fn_inputs[{name!r}]", budget)
+        for name in sorted(msg.loss_fn_inputs)
+    }
+    # Provenance spans (0.38) only matter to losses this server does not implement; ignored.
+    return Datum(tokens=tuple(tokens), loss_fn_inputs=inputs)
+
+
+def _tokens(raw: bytes, index: int) -> Sequence[int]:
+    # EncodedTextChunk.tokens is packed int32 little-endian (§6.2).
+    if len(raw) % 4:
+        raise MalformedRequest(f"data[{index}]: encoded_text tokens are {len(raw)} bytes, not whole int32s")
+    tokens = unpack_le("i", raw)
+    if tokens and min(tokens) < 0:
+        raise InvalidInput(f"data[{index}]: token ids must be non-negative, got {min(tokens)}")
+    return tokens
+
+
+def _loss_fn_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str]:
+    # 0.38 dual-writes numbers into both maps and strings only into v2; servers prefer v2 (§7.2).
+    # Keys sorted for a canonical op, as for loss_fn_inputs.
+    if not msg.loss_fn_config_v2:
+        return {key: float(msg.loss_fn_config[key]) for key in sorted(msg.loss_fn_config)}
+    config: dict[str, float | str] = {}
+    for key in sorted(msg.loss_fn_config_v2):
+        value = msg.loss_fn_config_v2[key]
+        kind = value.WhichOneof("value")
+        if kind == "number":
+            config[key] = float(value.number)
+        elif kind == "text":
+            config[key] = value.text
+        else:
+            raise InvalidInput(f"loss_fn_config[{key!r}] has no value")
+    return config
+
+
+def encode_forward_backward_output(result: ForwardBackwardResult) -> bytes:
+    """`ForwardBackwardOutput` bytes that the SDK decodes into `tinker.types.ForwardBackwardOutput`.
+
+    Consecutive datums whose fields agree in dtype and trailing shape share one `ArrayRecord`; a
+    change starts a new record, which the SDK concatenates in order (§7.4). Every datum must carry
+    the same field names, since the SDK indexes the fields of all records together.
+    """
+    out = pb.ForwardBackwardOutput(loss_fn_output_type=_OUTPUT_TYPE)
+    out.metrics.update(result.metrics)
+    names = sorted(result.outputs[0]) if result.outputs else []
+    group: list[dict[str, Array]] = []
+    signature: tuple[tuple[str, str, tuple[int, ...]], ...] | None = None
+    for i, datum in enumerate(result.outputs):
+        if sorted(datum) != names:
+            raise ServerError(f"loss_fn_outputs[{i}] has fields {sorted(datum)}, expected {names}")
+        for name, arr in datum.items():
+            try:
+                arr.check()
+            except ValueError as exc:
+                raise ServerError(f"loss_fn_outputs[{i}][{name!r}]: {exc}") from exc
+        sig = tuple((name, datum[name].dtype, datum[name].shape[1:]) for name in names)
+        if group and sig != signature:
+            _add_record(out, group, names)
+            group = []
+        group.append(datum)
+        signature = sig
+    if group:
+        _add_record(out, group, names)
+    return out.SerializeToString()
+
+
+def _add_record(out: pb.ForwardBackwardOutput, group: list[dict[str, Array]], names: list[str]) -> None:
+    record = out.loss_fn_outputs.add(type_tag=_OUTPUT_TYPE, num_datums=len(group))
+    for name in names:
+        record.fields[name].CopyFrom(batched_tensor([d[name] for d in group], group[0][name].shape[1:]))
+
+
+def encode_sample_response(result: SampleResult) -> bytes:
+    """`SampleResponse` bytes that the SDK decodes into `tinker.types.SampleResponse` (§7.3)."""
+    out = pb.SampleResponse()
+    for seq in result.sequences:
+        msg = out.sequences.add(stop_reason=_STOP_REASONS[seq.stop_reason], tokens=pack_le("i", seq.tokens))
+        if seq.logprobs is not None:
+            if len(seq.logprobs) != len(seq.tokens):
+                raise ServerError(f"{len(seq.logprobs)} logprobs for {len(seq.tokens)} sampled tokens")
+            msg.logprobs = pack_le("f", seq.logprobs)
+    if result.prompt_logprobs is not None:
+        # NaN marks "not computed" (position 0); the SDK turns NaN back into None.
+        out.prompt_logprobs = pack_le("f", [math.nan if lp is None else lp for lp in result.prompt_logprobs])
+    if result.topk_prompt_logprobs is not None:
+        out.topk_prompt_logprobs.CopyFrom(_topk(result.topk_prompt_logprobs))
+    return out.SerializeToString()
+
+
+def _topk(rows: Sequence[Sequence[tuple[int, float]] | None]) -> pb.TopkLogprobs:
+    # A dense [length, k] matrix, row-major; short rows and None rows are padded with empty cells.
+    k = max((len(row) for row in rows if row is not None), default=0)
+    token_ids: list[int] = []
+    logprobs: list[float] = []
+    for row in rows:
+        cells = list(row or ())
+        cells += [(_TOPK_EMPTY_TOKEN, _TOPK_EMPTY_LOGPROB)] * (k - len(cells))
+        token_ids.extend(token for token, _ in cells)
+        logprobs.extend(lp for _, lp in cells)
+    return pb.TopkLogprobs(
+        token_ids=pack_le("i", token_ids), logprobs=pack_le("f", logprobs), k=k, length=len(rows)
+    )

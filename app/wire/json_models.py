@@ -1,0 +1,313 @@
+"""Pydantic models of the SDK's JSON request bodies (tinker-protocol.md §5.1, §5.2).
+
+Both SDK versions must parse: 0.25 sends fewer fields and 0.38 more (§11), so every model ignores
+unknown keys and defaults every field the SDK may omit. Bodies are produced with
+`exclude_none=True`, so an optional field is absent rather than null (§5). `type` literals are
+accepted and ignored. Semantic checks that produce domain ops live in `app.wire.translate`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.domain.errors import InvalidInput, MalformedRequest
+from app.domain.ids import run_id_for
+
+
+class WireModel(BaseModel):
+    # protected_namespaces=(): the SDK's field names start with `model_` (model_id, model_seq_id).
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+M = TypeVar("M", bound=WireModel)
+
+
+def parse_body(model: type[M], body: bytes | str | dict[str, Any]) -> M:
+    """Validate a request body, turning parse failures into domain errors with readable messages."""
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MalformedRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise MalformedRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidInput(f"invalid {model.__name__}: {problems}") from exc
+
+
+# Bootstrap and session (§2)
+
+
+class ClientConfigRequest(WireModel):
+    sdk_version: str | None = None
+
+
+class CreateSessionRequest(WireModel):
+    tags: list[str] = Field(default_factory=list)
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None  # 0.38
+
+
+class SessionHeartbeatRequest(WireModel):
+    session_id: str
+
+
+class FinishReason(WireModel):
+    type: str = "success"  # success | errored | interrupted; a later SDK may add more
+
+
+class FinishSessionRequest(WireModel):
+    """`POST /sessions/{id}/finish` (0.38 only, §2.6)."""
+
+    reason: FinishReason = Field(default_factory=FinishReason)
+    detail: str | None = None
+
+
+class TelemetryRequest(WireModel):
+    """Accepted whatever its shape: telemetry failures must never reach users (§10)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    events: Any = None
+    platform: Any = None
+    sdk_version: Any = None
+    session_id: Any = None
+    process_uuid: Any = None
+
+
+# Training (§5.1, §6.5)
+
+
+class LoraConfigModel(WireModel):
+    rank: int = 32
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class OptimizerConfigModel(WireModel):
+    """`{"type": "adamw"}` or `{"type": "dimuon", "version": 1}` (0.38; 0.25 sends none)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    type: str = "adamw"
+
+
+class CreateModelRequest(WireModel):
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    user_metadata: dict[str, Any] | None = None
+    lora_config: LoraConfigModel | None = None
+    optimizer_config: OptimizerConfigModel | None = None
+
+
+class GetInfoRequest(WireModel):
+    model_id: str
+
+
+class AdamParamsModel(WireModel):
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class OptimStepRequest(WireModel):
+    """0.25 sends `adam_params`; 0.38 sends `adam_params` or `optimizer_params` (non-Adam, §6.5)."""
+
+    model_id: str
+    seq_id: int | None = None
+    adam_params: AdamParamsModel | None = None
+    optimizer_params: dict[str, Any] | None = None
+    # The 0.38 request model's own field name, accepted in case a client dumps it unaliased.
+    optim_params: dict[str, Any] | None = None
+
+
+class SaveWeightsRequest(WireModel):
+    model_id: str
+    path: str | None = None  # the checkpoint name; the server composes the tinker:// path (§8)
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None  # 0.38
+
+
+class SaveWeightsForSamplerRequest(WireModel):
+    """Named (`path`) or ephemeral (`sampling_session_seq_id`), §5.1."""
+
+    model_id: str
+    path: str | None = None
+    sampling_session_seq_id: int | None = None
+    kind: Literal["snapshot", "inflight"] = "snapshot"  # 0.38; absent in 0.25
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None  # 0.38
+
+
+class SaveWeightsExternalRequest(WireModel):
+    model_id: str
+    path: str | None = None
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+
+
+class LoadWeightsRequest(WireModel):
+    """Legacy addressing (`model_id` + `seq_id`) or create-via-load (`session_id` + `model_seq_id`)."""
+
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+    path: str
+    optimizer: bool = False
+    optimizer_config: OptimizerConfigModel | None = None  # 0.38
+    weights_access_token: str | None = None
+
+    @property
+    def creates_model(self) -> bool:
+        return self.model_id is None and self.session_id is not None
+
+    @property
+    def created_model_id(self) -> str | None:
+        """The id the SDK itself derives on the create-via-load path (§0.8): `<session>:train:<n>`."""
+        if self.session_id is None or self.model_seq_id is None:
+            return None
+        return run_id_for(self.session_id, self.model_seq_id)
+
+
+class UnloadModelRequest(WireModel):
+    model_id: str
+
+
+# Sampling (§6.4)
+
+
+class ChunkModel(WireModel):
+    """One `ModelInput` chunk, kept loose so unsupported kinds get a clear error in translate."""
+
+    type: str = "encoded_text"
+    tokens: list[int] | None = None
+
+
+class ModelInputModel(WireModel):
+    chunks: list[ChunkModel] = Field(default_factory=list)
+
+
+class SamplingParamsModel(WireModel):
+    max_tokens: int | None = None
+    seed: int | None = None
+    # None: EOS only; []: no stops at all, not even EOS.
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+class CreateSamplingSessionRequest(WireModel):
+    session_id: str
+    sampling_session_seq_id: int
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class JoinSamplingSessionRequest(WireModel):
+    sampling_session_id: str
+
+
+class SampleRequest(WireModel):
+    num_samples: int = 1
+    prompt: ModelInputModel
+    sampling_params: SamplingParamsModel = Field(default_factory=SamplingParamsModel)
+    base_model: str | None = None
+    model_path: str | None = None
+    sampling_session_id: str | None = None
+    seq_id: int | None = None
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = 0
+    # 0.38 only:
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: dict[str, Any] | None = None
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
+    record_stability_info: bool | None = None
+
+
+# Futures (§3)
+
+
+class RetrieveFutureRequest(WireModel):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+class RetrieveFuturesRequest(WireModel):
+    """Flag-gated batch poller (0.38, §3.6)."""
+
+    target: dict[str, Any] = Field(default_factory=dict)
+    prev_cursor: int = 0
+    timeout: float | None = None
+    retrieved_request_ids: list[str] = Field(default_factory=list)
+
+
+class CancelFutureRequest(WireModel):
+    request_id: str
+
+
+class UntypedAPIFuture(WireModel):
+    """The submission reply of every future-returning endpoint (§3.1).
+
+    0.38 asserts one `sample_sequence_ids` entry per requested sample on `asample`; dump with
+    `exclude_none=True` so the other endpoints omit it.
+    """
+
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
+
+
+# REST (§5.2)
+
+
+class WeightsInfoRequest(WireModel):
+    tinker_path: str
+
+
+class SetTtlRequest(WireModel):
+    ttl_seconds: int | None = None
+
+
+class AssignProjectRequest(WireModel):
+    project_id: str
+
+
+class CopyWeightsRequest(WireModel):
+    source_path: str
+    destination_project_id: str | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    ttl_seconds: int | None = None
+
+
+class ListQuery(WireModel):
+    """Query string of the list endpoints: `?limit=&offset=&access_scope=` (§14.3)."""
+
+    limit: int = 20
+    offset: int = 0
+    access_scope: str = "owned"  # owned | accessible
+    project_id: str | None = None
