@@ -32,7 +32,13 @@ def create_key(s: DbSession, *, tenant: str, name: str) -> tuple[int, str]:
 def list_keys(s: DbSession) -> list[dict[str, Any]]:
     rows = s.execute(select(ApiKey).order_by(ApiKey.id)).scalars()
     return [
-        {"id": r.id, "prefix": r.key_prefix, "tenant": r.tenant, "name": r.name, "revoked": r.revoked_at is not None}
+        {
+            "id": r.id,
+            "prefix": r.key_prefix,
+            "tenant": r.tenant,
+            "name": r.name,
+            "revoked": r.revoked_at is not None,
+        }
         for r in rows
     ]
 

@@ -51,7 +51,7 @@ class CeleryDoorbell:
     def _publish(self, queue: str, run_id: str | None) -> None:
         try:
             self.app.send_task(WAKE_TASK, args=[run_id], queue=queue, retry=False)
-        except Exception as exc:  # noqa: BLE001 - best effort; the worker's poll tick covers it
+        except Exception as exc:
             log.warning("doorbell for %s on %s lost: %s", run_id, queue, exc)
 
     def close(self) -> None:

@@ -56,7 +56,7 @@ def _wait_for_schema(settings: Settings, db: object, register: object) -> None:
         try:
             register()  # type: ignore[operator]
             return
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if time.monotonic() > deadline:
                 raise
             log.info("waiting for the database schema (%s)", type(exc).__name__)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             settings = load_settings()
     except ConfigError as exc:
-        print(f"tuft worker: {exc}", file=sys.stderr)
+        print(f"tuft worker: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     device = _device(args, settings)
 
@@ -94,10 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def register() -> None:
         with db.write() as s:
-            leases.register_worker(s, worker_id=worker_id, host=host, device=device, queue=queue, pid=os.getpid())
+            leases.register_worker(
+                s, worker_id=worker_id, host=host, device=device, queue=queue, pid=os.getpid()
+            )
 
     _wait_for_schema(settings, db, register)
-    log.info("worker %s on %s serving %s (queue %s)", worker_id, device, [m.model_name for m in settings.models()], queue)
+    log.info(
+        "worker %s on %s serving %s (queue %s)",
+        worker_id,
+        device,
+        [m.model_name for m in settings.models()],
+        queue,
+    )
     heartbeat = Heartbeat(
         db,
         worker_id,
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             with db.write() as s:
                 leases.release_all(s, worker_id)
             log.info("worker %s released its runs", worker_id)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.warning("could not release runs on exit: %s", exc)
         db.dispose()
     return 0

@@ -15,7 +15,14 @@ log = logging.getLogger(__name__)
 
 class Heartbeat(threading.Thread):
     def __init__(
-        self, db: Database, worker_id: str, *, interval: float, ttl: float, states: RunStates, stop: threading.Event
+        self,
+        db: Database,
+        worker_id: str,
+        *,
+        interval: float,
+        ttl: float,
+        states: RunStates,
+        stop: threading.Event,
     ) -> None:
         super().__init__(name="tuft-heartbeat", daemon=True)
         self.db = db
@@ -37,5 +44,5 @@ class Heartbeat(threading.Thread):
         while not self.stop_event.wait(self.interval):
             try:
                 self.beat()
-            except Exception as exc:  # noqa: BLE001 - keep beating through database outages
+            except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)

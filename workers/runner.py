@@ -8,6 +8,7 @@ applied_seq" (recovery.py); whenever that cache may be wrong it is dropped and r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DbSession
 
@@ -95,20 +97,26 @@ class Runner:
             self._run_op(op)
         except DBAPIError:
             raise
-        except Exception as exc:  # noqa: BLE001 - e.g. a replay that cannot complete
+        except Exception as exc:
             log.exception("run %s cannot continue at seq %d; blocking it", op.run_id, op.seq)
             self.states.discard(op.run_id)
             reason = f"{type(exc).__name__}: {exc}"
-            try:
-                self._commit(lambda s: commit.block_run(s, worker_id=self.worker_id, run_id=op.run_id, epoch=op.epoch, reason=reason))
-            except Fenced:
-                pass
+            with contextlib.suppress(Fenced):
+                self._commit(
+                    lambda s: commit.block_run(
+                        s, worker_id=self.worker_id, run_id=op.run_id, epoch=op.epoch, reason=reason
+                    )
+                )
 
     # ---- training ops ----------------------------------------------------------------------
     def _run_op(self, op: ReadyOp) -> None:
         if op.status == "failed":
             # Rejected at submission: its future is already terminal; just move the run past it.
-            self._commit(lambda s: commit.skip_rejected_op(s, worker_id=self.worker_id, run_id=op.run_id, seq=op.seq, epoch=op.epoch))
+            self._commit(
+                lambda s: commit.skip_rejected_op(
+                    s, worker_id=self.worker_id, run_id=op.run_id, seq=op.seq, epoch=op.epoch
+                )
+            )
             self.states.advance(op.run_id, op.epoch, op.seq)
             return
         if not self.states.ensure(op.run_id, op.epoch, op.seq - 1):
@@ -125,7 +133,7 @@ class Runner:
         except self.user_errors as exc:
             log.info("op %s (%s seq %d) failed on user input: %s", op.request_id, op.run_id, op.seq, exc)
             outcome = Outcome(error_message=str(exc), error_category="user")
-        except Exception as exc:  # noqa: BLE001 - any engine failure must fail the op, not the worker
+        except Exception as exc:
             log.exception("op %s (%s seq %d) failed", op.request_id, op.run_id, op.seq)
             outcome = Outcome(error_message=f"{type(exc).__name__}: {exc}", error_category="server")
             # The state may be half-updated (e.g. part of the gradients accumulated): rebuild it.
@@ -159,23 +167,33 @@ class Runner:
         if self.engine.has_run(op.run_id):
             self.states.advance(op.run_id, op.epoch, op.seq)
 
-    def _execute(self, op: ReadyOp, domain_op: object) -> tuple[object, Callable[[DbSession], None] | None]:
+    def _execute(self, op: ReadyOp, domain_op: object) -> tuple[BaseModel, Callable[[DbSession], None] | None]:
         if isinstance(domain_op, SaveWeightsOp):
             return self._save(op, domain_op)
         result = apply_mutation(self.engine, op.run_id, domain_op, self._resolve_checkpoint_dir)
         if isinstance(domain_op, LoadWeightsOp):
             return LoadWeightsResult(path=domain_op.path, model_id=op.run_id), None
+        assert isinstance(result, BaseModel)
         return result, None
 
-    def _save(self, op: ReadyOp, save: SaveWeightsOp) -> tuple[SaveWeightsResult, Callable[[DbSession], None]]:
+    def _save(
+        self, op: ReadyOp, save: SaveWeightsOp
+    ) -> tuple[SaveWeightsResult, Callable[[DbSession], None]]:
         with self.db.read() as s:
             run = s.get(Run, op.run_id)
             assert run is not None
-            tenant, session_id, base_model, lora = run.tenant, run.session_id, run.base_model, dict(run.lora_config)
+            tenant, session_id, base_model, lora = (
+                run.tenant,
+                run.session_id,
+                run.base_model,
+                dict(run.lora_config),
+            )
             name = save.name if save.name is not None else f"ephemeral-{op.seq}"
             existing = checkpoints.find(s, op.run_id, save.checkpoint_kind, name)
             if existing is not None and existing.created_by_op != op.request_id and not save.overwrite:
-                raise UserError(f"checkpoint {name!r} already exists for {op.run_id}; pass overwrite=True to replace it")
+                raise UserError(
+                    f"checkpoint {name!r} already exists for {op.run_id}; pass overwrite=True to replace it"
+                )
         storage = checkpoints.storage_path_for(op.run_id, save.checkpoint_kind, name)
         path = ids.checkpoint_path(op.run_id, save.checkpoint_kind, name)
         manifest = {
@@ -220,7 +238,12 @@ class Runner:
             )
             if sampler_id is not None:
                 checkpoints.record_sampler(
-                    s, sampler_id=sampler_id, session_id=session_id, tenant=tenant, base_model=base_model, model_path=path
+                    s,
+                    sampler_id=sampler_id,
+                    session_id=session_id,
+                    tenant=tenant,
+                    base_model=base_model,
+                    model_path=path,
                 )
 
         result = SaveWeightsResult(
@@ -263,11 +286,15 @@ class Runner:
             outcome = Outcome(result=result_bytes(result))
         except self.user_errors as exc:
             outcome = Outcome(error_message=str(exc), error_category="user")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("sample %s failed", claimed.request_id)
             outcome = Outcome(error_message=f"{type(exc).__name__}: {exc}", error_category="server")
         try:
-            self._commit(lambda s: commit.commit_sample(s, worker_id=self.worker_id, request_id=claimed.request_id, outcome=outcome))
+            self._commit(
+                lambda s: commit.commit_sample(
+                    s, worker_id=self.worker_id, request_id=claimed.request_id, outcome=outcome
+                )
+            )
         except Fenced as exc:
             log.warning("sample result discarded: %s", exc)
         return True

@@ -33,7 +33,12 @@ class ModelCatalog:
 
     def capabilities(self) -> list[dict[str, Any]]:
         return [
-            {"model_name": m.model_name, "max_context_length": m.max_model_len, "trainable": True, "sampleable": True}
+            {
+                "model_name": m.model_name,
+                "max_context_length": m.max_model_len,
+                "trainable": True,
+                "sampleable": True,
+            }
             for m in self.specs.values()
         ]
 

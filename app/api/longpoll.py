@@ -9,6 +9,7 @@ per tick instead of one busy loop each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 
@@ -32,17 +33,15 @@ class FuturePoller:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
-    async def wait(self, request_id: str, timeout: float) -> FutureView | None:
+    async def wait(self, request_id: str, hold: float) -> FutureView | None:
         fut: asyncio.Future[FutureView] = asyncio.get_running_loop().create_future()
         self._waiters[request_id].append(fut)
         self._has_waiters.set()
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await asyncio.wait_for(fut, hold)
         except TimeoutError:
             return None
         finally:
@@ -62,7 +61,7 @@ class FuturePoller:
             ids = list(self._waiters)
             try:
                 done = await asyncio.to_thread(self._query, ids)
-            except Exception as exc:  # noqa: BLE001 - the database may be restarting; keep polling
+            except Exception as exc:
                 log.warning("future poller query failed: %s", exc)
                 done = {}
                 await asyncio.sleep(1.0)

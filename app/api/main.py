@@ -20,8 +20,8 @@ from app.api.state import AppState
 from app.auth import KeyResolver
 from app.config import Settings
 from app.db.engine import Database
-from app.doorbell import make_doorbell
 from app.domain.errors import DomainError, PayloadTooLarge
+from app.doorbell import make_doorbell
 from app.wire.errors import error_body, http_status_for
 
 log = logging.getLogger("tuft.api")
@@ -76,26 +76,42 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> JSONResponse:
         status = http_status_for(exc)
-        log.log(logging.WARNING if status < 500 else logging.ERROR, "%s %s -> %d: %s", request.method, request.url.path, status, exc.message)
+        log.log(
+            logging.WARNING if status < 500 else logging.ERROR,
+            "%s %s -> %d: %s",
+            request.method,
+            request.url.path,
+            status,
+            exc.message,
+        )
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         log.warning("%s %s -> 400: %s", request.method, request.url.path, problems)
-        return JSONResponse({"error": "invalid_input", "message": problems, "category": "user", "detail": problems}, status_code=400)
+        return JSONResponse(
+            {"error": "invalid_input", "message": problems, "category": "user", "detail": problems},
+            status_code=400,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "http_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse({"error": code, "message": message, "category": "user", "detail": message}, status_code=exc.status_code)
+        return JSONResponse(
+            {"error": code, "message": message, "category": "user", "detail": message},
+            status_code=exc.status_code,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         message = f"internal error: {type(exc).__name__}"
-        return JSONResponse({"error": "server_error", "message": message, "category": "server", "detail": message}, status_code=500)
+        return JSONResponse(
+            {"error": "server_error", "message": message, "category": "server", "detail": message},
+            status_code=500,
+        )
 
 
 def create_app(settings: Settings, *, db: Database | None = None) -> FastAPI:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sqlalchemy.orm import Session as DbSession
+
 from app.api.catalog import ModelCatalog
 from app.api.longpoll import FuturePoller
 from app.auth import KeyResolver
@@ -13,7 +15,6 @@ from app.config import Settings
 from app.db.engine import Database
 from app.doorbell import Doorbell
 from app.queue.submit import Wakeup
-from sqlalchemy.orm import Session as DbSession
 
 T = TypeVar("T")
 

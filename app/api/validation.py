@@ -64,7 +64,8 @@ def check_sample(op: SampleOp, *, vocab: int, max_len: int, max_samples: int) ->
     max_tokens = op.params.max_tokens or 0
     if len(op.prompt) + max_tokens > max_len:
         raise InvalidInput(
-            f"prompt ({len(op.prompt)} tokens) plus max_tokens ({max_tokens}) exceed the model's maximum length {max_len}"
+            f"prompt ({len(op.prompt)} tokens) plus max_tokens ({max_tokens}) "
+            f"exceed the model's maximum length {max_len}"
         )
     if op.topk_prompt_logprobs < 0 or op.topk_prompt_logprobs > 100:
         raise InvalidInput("topk_prompt_logprobs must be between 0 and 100")

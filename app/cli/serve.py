@@ -98,7 +98,13 @@ def launch(settings: Settings) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     migrate.upgrade(url)
-    log.info("TuFT on http://%s:%d (database %s, data %s)", settings.host, settings.port, migrate.redact(url), data_dir)
+    log.info(
+        "TuFT on http://%s:%d (database %s, data %s)",
+        settings.host,
+        settings.port,
+        migrate.redact(url),
+        data_dir,
+    )
     supervisor = WorkerSupervisor(settings)
     supervisor.start()
     try:

@@ -70,7 +70,9 @@ def parse_checkpoint_id(checkpoint_id: str) -> tuple[CheckpointKind, str]:
     """`weights/<name>` or `sampler_weights/<name>` -> (kind, name)."""
     segment, _, name = checkpoint_id.partition("/")
     if segment not in _KIND_FOR_SEGMENT or not name:
-        raise InvalidInput(f"invalid checkpoint id {checkpoint_id!r}: expected weights/<name> or sampler_weights/<name>")
+        raise InvalidInput(
+            f"invalid checkpoint id {checkpoint_id!r}: expected weights/<name> or sampler_weights/<name>"
+        )
     return _KIND_FOR_SEGMENT[segment], validate_checkpoint_name(name)
 
 

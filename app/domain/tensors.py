@@ -30,7 +30,9 @@ class Array(BaseModel):
     data: bytes
 
     @classmethod
-    def from_list(cls, values: list[float] | list[int], dtype: DType, shape: tuple[int, ...] | None = None) -> Array:
+    def from_list(
+        cls, values: list[float] | list[int], dtype: DType, shape: tuple[int, ...] | None = None
+    ) -> Array:
         arr = array(_TYPECODE[dtype], values)
         if sys.byteorder != "little":
             arr.byteswap()
@@ -54,5 +56,6 @@ class Array(BaseModel):
         expected = self.size * _ITEMSIZE[self.dtype]
         if len(self.data) != expected:
             raise ValueError(
-                f"tensor of shape {list(self.shape)} and dtype {self.dtype} needs {expected} bytes, got {len(self.data)}"
+                f"tensor of shape {list(self.shape)} and dtype {self.dtype} "
+                f"needs {expected} bytes, got {len(self.data)}"
             )

@@ -19,7 +19,9 @@ def storage_path_for(run_id: str, kind: str, name: str) -> str:
 
 def find(s: DbSession, run_id: str, kind: str, name: str) -> Checkpoint | None:
     return s.execute(
-        select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.kind == kind, Checkpoint.name == name)
+        select(Checkpoint).where(
+            Checkpoint.run_id == run_id, Checkpoint.kind == kind, Checkpoint.name == name
+        )
     ).scalar_one_or_none()
 
 
@@ -119,7 +121,9 @@ def delete(s: DbSession, tenant: str, run_id: str, kind: str, name: str) -> Chec
     return row
 
 
-def record_sampler(s: DbSession, *, sampler_id: str, session_id: str, tenant: str, base_model: str, model_path: str) -> None:
+def record_sampler(
+    s: DbSession, *, sampler_id: str, session_id: str, tenant: str, base_model: str, model_path: str
+) -> None:
     """The sampler behind save_weights_and_get_sampling_client, created when its weights commit."""
     if s.get(Sampler, sampler_id) is None:
         s.add(

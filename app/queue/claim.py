@@ -35,7 +35,8 @@ def ready_run_ops(s: DbSession, worker_id: str) -> list[ReadyOp]:
         .where(Run.owner_worker == worker_id, Run.status == "active", Op.status != "succeeded")
         .order_by(Run.last_request_at)
     ).all()
-    return [ReadyOp(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+    # run_id and seq are never NULL here: the join is on them.
+    return [ReadyOp(r[0], r[1] or "", r[2] or 0, r[3], r[4], r[5], r[6]) for r in rows]
 
 
 def claim_run_op(s: DbSession, worker_id: str, op: ReadyOp) -> bool:

@@ -79,7 +79,9 @@ def skip_rejected_op(s: DbSession, *, worker_id: str, run_id: str, seq: int, epo
     """Move past an op that the API already failed at submission (its future is terminal)."""
     advanced = s.execute(
         update(Run)
-        .where(Run.run_id == run_id, Run.owner_worker == worker_id, Run.lease_epoch == epoch, Run.next_seq == seq)
+        .where(
+            Run.run_id == run_id, Run.owner_worker == worker_id, Run.lease_epoch == epoch, Run.next_seq == seq
+        )
         .values(applied_seq=seq, next_seq=seq + 1)
     )
     if advanced.rowcount != 1:  # type: ignore[attr-defined]
@@ -116,6 +118,11 @@ def block_run(s: DbSession, *, worker_id: str, run_id: str, epoch: int, reason: 
     failed = s.execute(
         update(Op)
         .where(Op.run_id == run_id, Op.status.in_(("queued", "running")))
-        .values(status="failed", error_message=f"run is blocked: {reason}", error_category="server", finished_at=db_now(s))
+        .values(
+            status="failed",
+            error_message=f"run is blocked: {reason}",
+            error_category="server",
+            finished_at=db_now(s),
+        )
     )
     return int(failed.rowcount)  # type: ignore[attr-defined]

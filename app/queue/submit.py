@@ -201,7 +201,10 @@ def submit_run_op(
     """Queue op `seq` of `run`. With `rejected`, the op is recorded as already failed (category
     user): the client still gets a future, and the run does not stall on a missing seq. A request
     too broken to become an op is stored as its raw bytes (op None, `kind` given)."""
-    if seq < run.next_seq and s.execute(select(Op.request_id).where(Op.run_id == run.run_id, Op.seq == seq)).first() is None:
+    if (
+        seq < run.next_seq
+        and s.execute(select(Op.request_id).where(Op.run_id == run.run_id, Op.seq == seq)).first() is None
+    ):
         raise Conflict(f"seq_id {seq} of {run.run_id} is in the past (next is {run.next_seq})")
     now = db_now(s)
     if op is not None:
@@ -227,13 +230,21 @@ def submit_run_op(
         created_at=now,
         finished_at=now if rejected else None,
     )
-    request_id = _insert_or_dedupe(s, row, [Op.run_id == run.run_id, Op.seq == seq], f"seq_id {seq} of {run.run_id}")
+    request_id = _insert_or_dedupe(
+        s, row, [Op.run_id == run.run_id, Op.seq == seq], f"seq_id {seq} of {run.run_id}"
+    )
     run.last_request_at = now
     return Submitted(request_id, _wakeup_for_run(s, run))
 
 
 def create_sampler(
-    s: DbSession, tenant: str, *, session_id: str, sampling_session_seq_id: int, base_model: str, model_path: str | None
+    s: DbSession,
+    tenant: str,
+    *,
+    session_id: str,
+    sampling_session_seq_id: int,
+    base_model: str,
+    model_path: str | None,
 ) -> Sampler:
     get_session(s, tenant, session_id, live=True)
     sampler_id = ids.sampler_id_for(session_id, sampling_session_seq_id)
@@ -271,6 +282,9 @@ def submit_sample(s: DbSession, sampler: Sampler, seq: int, op: SampleOp) -> Sub
         created_at=now,
     )
     request_id = _insert_or_dedupe(
-        s, row, [Op.sampler_id == sampler.sampler_id, Op.sampler_seq == seq], f"seq_id {seq} of sampler {sampler.sampler_id}"
+        s,
+        row,
+        [Op.sampler_id == sampler.sampler_id, Op.sampler_seq == seq],
+        f"seq_id {seq} of sampler {sampler.sampler_id}",
     )
     return Submitted(request_id, Wakeup(NEW_RUNS_QUEUE, None))

@@ -18,7 +18,11 @@ pytestmark = pytest.mark.e2e
 def test_quickstart_program(live_server: LiveServer) -> None:
     env = {**os.environ, "TUFT_BASE_URL": live_server.url, "TINKER_TELEMETRY": "0"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "quickstart.py")], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(REPO / "examples" / "quickstart.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr + live_server.logs()
     out = proc.stdout

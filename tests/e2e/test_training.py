@@ -110,7 +110,12 @@ def _wait_for_op_row(db_file: Path, count: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with sqlite3.connect(db_file) as conn:
-            if conn.execute("select count(*) from ops where run_id is not null and seq is not null").fetchone()[0] >= count:
+            if (
+                conn.execute(
+                    "select count(*) from ops where run_id is not null and seq is not null"
+                ).fetchone()[0]
+                >= count
+            ):
                 return
         time.sleep(0.05)
     raise AssertionError("op never reached the database")

@@ -18,9 +18,17 @@ TENANT = "t1"
 
 def _run(db: Database) -> str:
     with db.write() as s:
-        session_id = submit.create_session(s, TENANT, sdk_version="0.38.0", tags=[], user_metadata={}, display_name=None)
+        session_id = submit.create_session(
+            s, TENANT, sdk_version="0.38.0", tags=[], user_metadata={}, display_name=None
+        )
         run = submit.create_run(
-            s, TENANT, session_id=session_id, model_seq_id=0, base_model="m", lora=LoraConfig(rank=4), user_metadata={}
+            s,
+            TENANT,
+            session_id=session_id,
+            model_seq_id=0,
+            base_model="m",
+            lora=LoraConfig(rank=4),
+            user_metadata={},
         )
         return run.run_id
 
@@ -127,7 +135,12 @@ def test_takeover_fences_the_old_owner(db: Database) -> None:
     _commit(db, "w2", ready)
     with db.read() as s:
         op = s.get(Op, request_id)
-        assert op is not None and op.status == "succeeded" and op.attempt == 2 and op.claimed_epoch == lease2.epoch
+        assert (
+            op is not None
+            and op.status == "succeeded"
+            and op.attempt == 2
+            and op.claimed_epoch == lease2.epoch
+        )
 
 
 def test_rejected_op_is_skipped_without_stalling(db: Database) -> None:
@@ -135,7 +148,9 @@ def test_rejected_op_is_skipped_without_stalling(db: Database) -> None:
     _register(db, "w1")
     with db.write() as s:
         run = submit.get_run(s, TENANT, run_id)
-        rejected = submit.submit_run_op(s, run, 1, None, rejected="bad tokens", kind="forward_backward", raw=b"x")
+        rejected = submit.submit_run_op(
+            s, run, 1, None, rejected="bad tokens", kind="forward_backward", raw=b"x"
+        )
     _submit(db, run_id, 2)
     with db.write() as s:
         (lease,) = leases.acquire_runs(s, "w1", ttl=30)
@@ -146,12 +161,18 @@ def test_rejected_op_is_skipped_without_stalling(db: Database) -> None:
         (ready,) = claim.ready_run_ops(s, "w1")
         assert ready.seq == 2
         op = s.get(Op, rejected.request_id)
-        assert op is not None and (op.status, op.error_category, op.error_message) == ("failed", "user", "bad tokens")
+        assert op is not None and (op.status, op.error_category, op.error_message) == (
+            "failed",
+            "user",
+            "bad tokens",
+        )
 
 
 def test_samples_are_claimed_once_and_requeued_when_abandoned(db: Database) -> None:
     with db.write() as s:
-        session_id = submit.create_session(s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None)
+        session_id = submit.create_session(
+            s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None
+        )
         sampler = submit.create_sampler(
             s, TENANT, session_id=session_id, sampling_session_seq_id=0, base_model="m", model_path=None
         )
@@ -179,9 +200,35 @@ def test_samples_are_claimed_once_and_requeued_when_abandoned(db: Database) -> N
 
 def test_create_run_is_idempotent_per_model_seq_id(db: Database) -> None:
     with db.write() as s:
-        session_id = submit.create_session(s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None)
-        a = submit.create_run(s, TENANT, session_id=session_id, model_seq_id=0, base_model="m", lora=LoraConfig(rank=4), user_metadata={})
-        b = submit.create_run(s, TENANT, session_id=session_id, model_seq_id=0, base_model="m", lora=LoraConfig(rank=4), user_metadata={})
+        session_id = submit.create_session(
+            s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None
+        )
+        a = submit.create_run(
+            s,
+            TENANT,
+            session_id=session_id,
+            model_seq_id=0,
+            base_model="m",
+            lora=LoraConfig(rank=4),
+            user_metadata={},
+        )
+        b = submit.create_run(
+            s,
+            TENANT,
+            session_id=session_id,
+            model_seq_id=0,
+            base_model="m",
+            lora=LoraConfig(rank=4),
+            user_metadata={},
+        )
         assert a.run_id == b.run_id == f"{session_id}:train:0"
         with pytest.raises(Conflict):
-            submit.create_run(s, TENANT, session_id=session_id, model_seq_id=0, base_model="m", lora=LoraConfig(rank=8), user_metadata={})
+            submit.create_run(
+                s,
+                TENANT,
+                session_id=session_id,
+                model_seq_id=0,
+                base_model="m",
+                lora=LoraConfig(rank=8),
+                user_metadata={},
+            )

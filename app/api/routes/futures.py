@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, Tenant, body_as
-from app.domain.errors import ServerError
+from app.domain.errors import Category, ServerError
 from app.domain.results import parse_result
 from app.queue.futures import FutureView, get_future
 from app.wire.json_models import RetrieveFutureRequest
@@ -31,8 +31,9 @@ async def retrieve_future(request: Request, state: State, tenant: Tenant) -> Res
     if view is None:
         return JSONResponse(try_again_body(req.request_id))
     if view.status == "failed":
-        return JSONResponse(failed_future_body(view.error_message or "request failed", view.error_category or "unknown"))  # type: ignore[arg-type]
+        category: Category = view.error_category if view.error_category in ("user", "server") else "unknown"  # type: ignore[assignment]
+        return JSONResponse(failed_future_body(view.error_message or "request failed", category))
     if view.result is None:
         raise ServerError(f"future {req.request_id} succeeded without a stored result")
-    body, media_type = encode_result(parse_result(view.result), request.headers.get("accept"))  # type: ignore[arg-type]
+    body, media_type = encode_result(parse_result(view.result), request.headers.get("accept"))
     return Response(body, media_type=media_type)

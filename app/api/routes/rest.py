@@ -68,7 +68,11 @@ async def list_training_runs(request: Request, state: State, tenant: Tenant) -> 
         with state.db.read() as s:
             total = s.execute(select(func.count()).select_from(Run).where(Run.tenant == tenant)).scalar_one()
             runs = s.execute(
-                select(Run).where(Run.tenant == tenant).order_by(Run.created_at.desc()).limit(limit).offset(offset)
+                select(Run)
+                .where(Run.tenant == tenant)
+                .order_by(Run.created_at.desc())
+                .limit(limit)
+                .offset(offset)
             ).scalars()
             return {
                 "training_runs": [run_json(s, r) for r in runs],

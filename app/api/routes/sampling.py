@@ -70,4 +70,7 @@ async def asample(request: Request, state: State, tenant: Tenant) -> dict[str, A
 
     request_id = await run_in_threadpool(state.submit, work)
     # 0.38 asserts one id per requested sample, in order (tinker-protocol.md §3.1).
-    return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(op.num_samples)]}
+    return {
+        "request_id": request_id,
+        "sample_sequence_ids": [f"{request_id}:{i}" for i in range(op.num_samples)],
+    }

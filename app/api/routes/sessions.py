@@ -12,7 +12,12 @@ from app.api.deps import State, Tenant, body_as
 from app.db.engine import db_now
 from app.db.models import Run, Sampler, Session
 from app.queue import submit
-from app.wire.json_models import CreateSessionRequest, FinishSessionRequest, ListQuery, SessionHeartbeatRequest
+from app.wire.json_models import (
+    CreateSessionRequest,
+    FinishSessionRequest,
+    ListQuery,
+    SessionHeartbeatRequest,
+)
 
 router = APIRouter()
 
@@ -88,9 +93,13 @@ async def get_session(session_id: str, state: State, tenant: Tenant) -> dict[str
     def work() -> dict[str, Any]:
         with state.db.read() as s:
             row = submit.get_session(s, tenant, session_id)
-            runs = s.execute(select(Run.run_id).where(Run.session_id == session_id).order_by(Run.model_seq_id)).scalars()
+            runs = s.execute(
+                select(Run.run_id).where(Run.session_id == session_id).order_by(Run.model_seq_id)
+            ).scalars()
             samplers = s.execute(
-                select(Sampler.sampler_id).where(Sampler.session_id == session_id).order_by(Sampler.created_at)
+                select(Sampler.sampler_id)
+                .where(Sampler.session_id == session_id)
+                .order_by(Sampler.created_at)
             ).scalars()
             return {
                 "training_run_ids": list(runs),

@@ -45,7 +45,9 @@ router = APIRouter()
 OpBuilder = Callable[[DbSession, Run], BaseModel]
 
 
-def _submit_run_op(state: AppState, tenant: str, model_id: str, seq: int, kind: str, build: OpBuilder, raw: bytes) -> str:
+def _submit_run_op(
+    state: AppState, tenant: str, model_id: str, seq: int, kind: str, build: OpBuilder, raw: bytes
+) -> str:
     def work(s: DbSession) -> tuple[str, list[Wakeup]]:
         run = submit.get_run(s, tenant, model_id)
         op: BaseModel | None = None
@@ -154,12 +156,19 @@ async def forward_backward(request: Request, state: State, tenant: Tenant) -> di
         )
         return op
 
-    request_id = await run_in_threadpool(_submit_run_op, state, tenant, model_id, seq, "forward_backward", build, body)
+    request_id = await run_in_threadpool(
+        _submit_run_op, state, tenant, model_id, seq, "forward_backward", build, body
+    )
     return {"request_id": request_id, "model_id": model_id}
 
 
 async def _json_run_op(
-    request: Request, state: AppState, tenant: str, model: type[Any], kind: str, to_op: Callable[[Any], BaseModel]
+    request: Request,
+    state: AppState,
+    tenant: str,
+    model: type[Any],
+    kind: str,
+    to_op: Callable[[Any], BaseModel],
 ) -> dict[str, Any]:
     body = await request.body()
     req = await body_as(request, model)
@@ -174,18 +183,27 @@ async def _json_run_op(
 
 @router.post("/api/v1/optim_step")
 async def optim_step(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
-    return await _json_run_op(request, state, tenant, OptimStepRequest, "optim_step", translate.optim_step_to_op)
+    return await _json_run_op(
+        request, state, tenant, OptimStepRequest, "optim_step", translate.optim_step_to_op
+    )
 
 
 @router.post("/api/v1/save_weights")
 async def save_weights(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
-    return await _json_run_op(request, state, tenant, SaveWeightsRequest, "save_weights", translate.save_weights_to_op)
+    return await _json_run_op(
+        request, state, tenant, SaveWeightsRequest, "save_weights", translate.save_weights_to_op
+    )
 
 
 @router.post("/api/v1/save_weights_for_sampler")
 async def save_weights_for_sampler(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
     return await _json_run_op(
-        request, state, tenant, SaveWeightsForSamplerRequest, "save_weights", translate.save_weights_for_sampler_to_op
+        request,
+        state,
+        tenant,
+        SaveWeightsForSamplerRequest,
+        "save_weights",
+        translate.save_weights_for_sampler_to_op,
     )
 
 
@@ -201,16 +219,21 @@ async def load_weights(request: Request, state: State, tenant: Tenant) -> dict[s
             op = translate.load_weights_to_op(req)
             ckpt = checkpoints.resolve(s, tenant, parse_tinker_path(op.path))
             if ckpt.base_model != run.base_model:
-                raise InvalidInput(f"{op.path} was trained on {ckpt.base_model}, this run uses {run.base_model}")
+                raise InvalidInput(
+                    f"{op.path} was trained on {ckpt.base_model}, this run uses {run.base_model}"
+                )
             if ckpt.lora_config.get("rank") != run.lora_config.get("rank"):
                 raise InvalidInput(
-                    f"{op.path} has LoRA rank {ckpt.lora_config.get('rank')}, this run has {run.lora_config.get('rank')}"
+                    f"{op.path} has LoRA rank {ckpt.lora_config.get('rank')}, "
+                    f"this run has {run.lora_config.get('rank')}"
                 )
             if op.with_optimizer and not ckpt.with_optimizer:
                 raise InvalidInput(f"{op.path} holds no optimizer state (save it with save_state)")
             return op
 
-        request_id = await run_in_threadpool(_submit_run_op, state, tenant, req.model_id, seq, "load_weights", build, body)
+        request_id = await run_in_threadpool(
+            _submit_run_op, state, tenant, req.model_id, seq, "load_weights", build, body
+        )
         return {"request_id": request_id, "model_id": req.model_id}
 
     # 0.38's create_training_client_from_state: one load_weights creates the run (seq 0) from the
