@@ -1,0 +1,47 @@
+# TuFT image: the API and the workers run from the same image (`tuft api`, `tuft worker`).
+#
+#   docker build -t tuft:local .
+#
+# torch: the default wheel from PyPI on x86_64 Linux is the CUDA build (it brings its own CUDA
+# runtime libraries; the host needs only the NVIDIA driver and the NVIDIA Container Toolkit).
+# To pin a CUDA version, or to build a much smaller CPU-only image, point TORCH_INDEX_URL at one
+# of PyTorch's wheel indexes, for example:
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t tuft:cpu .
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t tuft:cu128 .
+FROM python:3.11-slim
+
+ARG TORCH_SPEC="torch>=2.4"
+ARG TORCH_INDEX_URL=""
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TUFT_DATA_DIR=/data
+
+# 1. torch alone: the largest layer, rebuilt only when the build arguments change.
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"; \
+    else \
+        pip install "$TORCH_SPEC"; \
+    fi
+
+# 2. The other dependencies, read from pyproject.toml: rebuilt only when it changes.
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt /tmp/pyproject.toml
+
+# 3. TuFT itself (app, workers, migrations), installed as a regular package.
+COPY . /src
+RUN pip install --no-deps /src && rm -rf /src
+
+RUN useradd --create-home --uid 1000 tuft && mkdir -p /data && chown tuft:tuft /data
+USER tuft
+WORKDIR /home/tuft
+VOLUME ["/data"]
+EXPOSE 10610
+
+ENTRYPOINT ["tuft"]
+# Without arguments: the one-machine mode (SQLite in /data, one worker in the same container).
+CMD ["launch", "--host", "0.0.0.0"]
