@@ -72,9 +72,6 @@ class Settings(BaseModel):
     max_datums_per_request: int = 4096
     max_samples_per_request: int = 64
 
-    # Sessions without a heartbeat for this long are reported as expired in listings.
-    session_timeout_seconds: float = 600.0
-
     # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
     worker_device: str = "auto"
 

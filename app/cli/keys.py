@@ -7,11 +7,16 @@ import json
 
 from app.auth import create_key, list_keys, revoke_key
 from app.config import Settings
+from app.db import migrate
 from app.db.engine import Database
 
 
 def run_keys(settings: Settings, args: argparse.Namespace) -> int:
-    db = Database(settings.resolved_database_url(), process_name="cli")
+    url = settings.resolved_database_url()
+    if not migrate.at_head(url):
+        print(f"tuft keys: the database at {migrate.redact(url)} is not migrated; run `tuft db upgrade` first")
+        return 2
+    db = Database(url, process_name="cli")
     try:
         if args.keys_command == "create":
             with db.write() as s:

@@ -96,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tuft: {exc}", file=sys.stderr)
         return 2
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return _dispatch(args, settings)
+    except OperationalError as exc:
+        # A wrong URL, a stopped server or a missing SQLite file: say so in one line.
+        print(f"tuft: cannot use the database: {exc.orig}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "launch":
         from app.cli.serve import launch
 
