@@ -1,0 +1,316 @@
+"""TorchEngine: the verbs the worker runner calls, over torch + transformers + peft.
+
+One base model instance per `ModelSpec`, loaded on first use and shared by every run on it; each run
+is a LoRA adapter on that model plus its own AdamW. Calls are serialised by a lock: runs share the
+model's modules (the active adapter is global state), so two ops must never interleave.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
+
+import torch
+from torch import nn
+
+from app.domain.models import ModelSpec
+from app.domain.ops import ForwardBackwardOp, LoraConfig, OptimStepOp, SampleOp
+from app.domain.results import ForwardBackwardResult, OptimStepResult, SampleResult
+from workers.engine import checkpoint
+from workers.engine.adapters import AdapterHost, adapter_name_for, peft_config_for
+from workers.engine.base_models import LoadedModel, config_vocab_size, load_base_model, resolve_dtype
+from workers.engine.determinism import configure_determinism
+from workers.engine.errors import OpInputError, translate_device_errors
+from workers.engine.losses import prepare_data, run_cross_entropy
+from workers.engine.optim import adam_step, new_optimizer, validate_adam
+from workers.engine.sampling import resolve_max_tokens, sample
+
+SAMPLER_ADAPTER_CACHE = 8  # sampler adapters kept loaded (LRU); each costs only its LoRA weights
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _serialised(fn: Callable[Concatenate[TorchEngine, P], R]) -> Callable[Concatenate[TorchEngine, P], R]:
+    translated = translate_device_errors(fn)
+
+    @functools.wraps(fn)
+    def wrapper(self: TorchEngine, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return translated(self, *args, **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class _Run:
+    run_id: str
+    base_model: str
+    lora: LoraConfig
+    adapter: str
+    params: dict[str, nn.Parameter]  # by PEFT key, sorted: the optimizer's parameter order
+    optimizer: torch.optim.AdamW
+    steps: int = 0
+
+
+@dataclass
+class _Slot:
+    loaded: LoadedModel
+    host: AdapterHost
+    # (adapter folder, mtime_ns, size) -> adapter name: a re-saved folder is a different adapter.
+    samplers: OrderedDict[tuple[str, int, int], str]
+
+
+class TorchEngine:
+    """Training and sampling for LoRA runs on the configured base models.
+
+    Errors: OpInputError for invalid ops (state unchanged), OutOfMemory, DeviceFatal; an unknown
+    run id is a caller bug and raises KeyError.
+    """
+
+    def __init__(
+        self,
+        models: list[ModelSpec],
+        device: str = "cpu",
+        cache_dir: Path | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        """Nothing is loaded here (models load on first use), so constructing an engine is cheap.
+
+        cache_dir holds derived files (the built-in tokenizer); None means ~/.cache/tuft.
+        dtype: "float32" | "bfloat16" | "float16" for base weights; None picks float32 on CPU and
+        bfloat16 elsewhere. LoRA weights and optimizer state are always float32.
+        """
+        self._specs = {spec.model_name: spec for spec in models}
+        self._device = torch.device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "tuft"
+        self._slots: dict[str, _Slot] = {}
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.RLock()
+
+    # -- models -------------------------------------------------------------------------------
+
+    def _spec(self, base_model: str) -> ModelSpec:
+        try:
+            return self._specs[base_model]
+        except KeyError:
+            raise OpInputError(f"unknown base model {base_model!r}; served: {sorted(self._specs)}") from None
+
+    def _slot(self, base_model: str) -> _Slot:
+        spec = self._spec(base_model)
+        slot = self._slots.get(base_model)
+        if slot is None:
+            configure_determinism(self._device)
+            loaded = load_base_model(spec, self._device, self._dtype, self._cache_dir)
+            slot = _Slot(loaded=loaded, host=AdapterHost(loaded.model), samplers=OrderedDict())
+            self._slots[base_model] = slot
+        return slot
+
+    def _run(self, run_id: str) -> _Run:
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise KeyError(f"run {run_id!r} is not loaded in this engine") from None
+
+    @_serialised
+    def vocab_size(self, base_model: str) -> int:
+        slot = self._slots.get(base_model)
+        return slot.loaded.vocab_size if slot else config_vocab_size(self._spec(base_model))
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    @_serialised
+    def create_run(self, run_id: str, base_model: str, lora: LoraConfig) -> None:
+        """Add a LoRA adapter (and its AdamW) for `run_id`; a no-op if it exists with this config."""
+        existing = self._runs.get(run_id)
+        if existing is not None:
+            if existing.base_model == base_model and existing.lora == lora:
+                return
+            raise OpInputError(f"run {run_id!r} already exists with a different base model or LoRA config")
+        spec = self._spec(base_model)
+        if lora.rank > spec.max_lora_rank:
+            raise OpInputError(f"LoRA rank {lora.rank} exceeds {base_model}'s max_lora_rank {spec.max_lora_rank}")
+        config = peft_config_for(lora)  # validates rank >= 1 and targets
+        slot = self._slot(base_model)
+        name = adapter_name_for("r", run_id)
+        slot.host.add(name, config, seed=lora.seed if lora.seed is not None else 0)
+        params = slot.host.params(name)
+        self._runs[run_id] = _Run(run_id, base_model, lora, name, params, new_optimizer(list(params.values())))
+
+    @_serialised
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+    @_serialised
+    def drop_run(self, run_id: str) -> None:
+        run = self._runs.pop(run_id, None)
+        if run is None:
+            return
+        run.optimizer.state.clear()
+        self._slots[run.base_model].host.remove(run.adapter)
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- training -----------------------------------------------------------------------------
+
+    @_serialised
+    def forward_backward(self, run_id: str, op: ForwardBackwardOp) -> ForwardBackwardResult:
+        """Per-token logprobs of every datum and the summed weighted NLL; unless forward_only,
+        gradients are *added* to the run's .grad (accumulated until optim_step)."""
+        run = self._run(run_id)
+        slot = self._slot(run.base_model)
+        data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
+        slot.host.activate(run.adapter, trainable=True)
+        return run_cross_entropy(slot.loaded.model, data, op.forward_only)
+
+    @_serialised
+    def optim_step(self, run_id: str, op: OptimStepOp) -> OptimStepResult:
+        run = self._run(run_id)
+        validate_adam(op.adam)
+        grad_norm = adam_step(run.optimizer, list(run.params.values()), op.adam)
+        run.steps += 1
+        return OptimStepResult(
+            metrics={
+                "grad_norm": grad_norm,
+                "learning_rate": op.adam.learning_rate,
+                "optimizer_step": float(run.steps),
+            }
+        )
+
+    @_serialised
+    def optimizer_steps(self, run_id: str) -> int:
+        return self._run(run_id).steps
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    @_serialised
+    def save_run(self, run_id: str, dest: Path, with_optimizer: bool) -> int:
+        """Write the run as a PEFT adapter folder (+ optimizer state) into empty folder `dest`."""
+        run = self._run(run_id)
+        return checkpoint.write_checkpoint(
+            Path(dest),
+            base_model=run.base_model,
+            lora=run.lora,
+            peft_config=peft_config_for(run.lora),
+            weights={key: p.detach() for key, p in run.params.items()},
+            optimizer_state=checkpoint.optimizer_tensors(run.optimizer, run.params) if with_optimizer else None,
+            optimizer_steps=run.steps if with_optimizer else 0,
+        )
+
+    @_serialised
+    def load_run(self, run_id: str, src: Path, with_optimizer: bool) -> None:
+        """Replace the run's adapter weights (and optimizer state + step count if with_optimizer)
+        with the checkpoint's. Without the optimizer, AdamW restarts from scratch (step 0).
+        Pending gradients are discarded either way."""
+        run = self._run(run_id)
+        src = Path(src)
+        base_model, lora = checkpoint.read_checkpoint_config(src)
+        if base_model != run.base_model:
+            raise OpInputError(f"checkpoint is for base model {base_model!r}, the run uses {run.base_model!r}")
+        if (lora.rank, lora.train_attn, lora.train_mlp, lora.train_unembed) != (
+            run.lora.rank,
+            run.lora.train_attn,
+            run.lora.train_mlp,
+            run.lora.train_unembed,
+        ):
+            raise OpInputError(f"checkpoint LoRA config {lora} does not match the run's {run.lora}")
+        host = self._slots[run.base_model].host
+        weights = checkpoint.read_adapter_weights(src)
+        host.check_state(run.adapter, weights)
+        optimizer = new_optimizer(list(run.params.values()))
+        steps = 0
+        if with_optimizer:
+            # Restored into a fresh optimizer first, so a bad file leaves the run's optimizer intact.
+            checkpoint.restore_optimizer(optimizer, run.params, checkpoint.read_optimizer_state(src))
+            steps = checkpoint.read_optimizer_steps(src)
+        host.load_state(run.adapter, weights)
+        for param in run.params.values():
+            param.grad = None
+        run.optimizer, run.steps = optimizer, steps
+
+    @staticmethod
+    def read_checkpoint_config(src: Path) -> tuple[str, LoraConfig]:
+        return checkpoint.read_checkpoint_config(Path(src))
+
+    # -- inspection (recovery checks, tests) ---------------------------------------------------
+
+    @_serialised
+    def adapter_state(self, run_id: str) -> dict[str, torch.Tensor]:
+        """CPU copies of the run's LoRA weights by PEFT key."""
+        return {key: p.detach().to("cpu", copy=True) for key, p in self._run(run_id).params.items()}
+
+    @_serialised
+    def adapter_grads(self, run_id: str) -> dict[str, torch.Tensor | None]:
+        """CPU copies of the run's accumulated gradients (None where none accumulated)."""
+        return {
+            key: None if p.grad is None else p.grad.detach().to("cpu", copy=True)
+            for key, p in self._run(run_id).params.items()
+        }
+
+    @_serialised
+    def state_digest(self, run_id: str) -> str:
+        """sha256 over the run's weights, optimizer state and step count: equal digests mean a
+        bitwise-identical training state (what crash recovery must reproduce)."""
+        run = self._run(run_id)
+        digest = hashlib.sha256(f"steps={run.steps}".encode())
+        tensors = {f"w/{k}": p.detach() for k, p in run.params.items()}
+        tensors.update({f"o/{k}": v for k, v in checkpoint.optimizer_tensors(run.optimizer, run.params).items()})
+        for key in sorted(tensors):
+            value = tensors[key].detach().to("cpu").contiguous()
+            digest.update(f"{key}:{value.dtype}:{list(value.shape)}".encode())
+            # Raw bytes via a uint8 view: numpy has no bfloat16, and 0-d tensors (Adam's step) can't be viewed.
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    @_serialised
+    def sample(self, base_model: str, adapter: Path | None, op: SampleOp) -> SampleResult:
+        """Sample from the base model (adapter None) or from a saved adapter folder."""
+        slot = self._slot(base_model)
+        max_tokens = resolve_max_tokens(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
+        name = None if adapter is None else self._sampler_adapter(slot, base_model, Path(adapter))
+        slot.host.activate(name)
+        return sample(slot.loaded, op, max_tokens)
+
+    def _sampler_adapter(self, slot: _Slot, base_model: str, folder: Path) -> str:
+        weights_file = folder / checkpoint.ADAPTER_WEIGHTS
+        try:
+            stat = weights_file.stat()
+        except FileNotFoundError:
+            raise OpInputError(f"no adapter weights at {folder}") from None
+        key = (str(folder.resolve()), stat.st_mtime_ns, stat.st_size)
+        name = slot.samplers.get(key)
+        if name is not None:
+            slot.samplers.move_to_end(key)
+            return name
+        if (folder / checkpoint.RUN_FILE).is_file():
+            saved_base, _ = checkpoint.read_checkpoint_config(folder)
+            if saved_base != base_model:
+                raise OpInputError(f"adapter {folder} was trained on {saved_base!r}, not {base_model!r}")
+        config = checkpoint.read_adapter_config(folder)
+        weights = checkpoint.read_adapter_weights(folder)
+        name = adapter_name_for("s", repr(key))
+        try:
+            # PEFT raises ValueError for target modules this model does not have.
+            slot.host.add(name, config, seed=0)
+        except ValueError as exc:
+            slot.host.remove(name)
+            raise OpInputError(f"adapter {folder} does not fit {base_model}: {exc}") from None
+        try:
+            slot.host.load_state(name, weights)
+        except BaseException:
+            slot.host.remove(name)
+            raise
+        slot.samplers[key] = name
+        while len(slot.samplers) > SAMPLER_ADAPTER_CACHE:
+            _, evicted = slot.samplers.popitem(last=False)
+            slot.host.remove(evicted)
+        return name

@@ -1,0 +1,60 @@
+"""The three ways an engine call can fail, as the worker runner needs to tell them apart.
+
+- `OpInputError`: the op itself is bad (token id out of range, unknown loss, rank mismatch...). The
+  runner fails the op with category "user"; the run's state is untouched because every op validates
+  all of its input before it changes anything.
+- `OutOfMemory`: the device ran out of memory. The op may have half-applied (e.g. some micro-batches'
+  gradients were accumulated), so the runner must discard the run's in-memory state and recover it.
+- `DeviceFatal`: a sticky device error (illegal memory access, ECC...). The CUDA context is unusable;
+  the process must exit and let the supervisor restart it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import torch
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class OpInputError(Exception):
+    """The op's input is invalid; retrying it cannot succeed."""
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory while running the op."""
+
+
+class DeviceFatal(Exception):
+    """The device is in an unrecoverable state; the process should exit."""
+
+
+# Fragments of messages torch raises (as plain RuntimeError on older versions, AcceleratorError on
+# newer ones) once the CUDA context is poisoned; any later CUDA call fails the same way.
+_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "NCCL error")
+
+
+def translate_device_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Map torch's device exceptions to ours at the engine boundary, so callers need no torch."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (OpInputError, OutOfMemory, DeviceFatal):
+            raise
+        except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is the same class
+            raise OutOfMemory(str(exc)) from exc
+        except RuntimeError as exc:
+            # The CPU allocator reports exhaustion as a plain RuntimeError.
+            if "can't allocate memory" in str(exc):
+                raise OutOfMemory(str(exc)) from exc
+            if any(marker in str(exc) for marker in _FATAL_MARKERS):
+                raise DeviceFatal(str(exc)) from exc
+            raise
+
+    return wrapper
