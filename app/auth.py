@@ -47,9 +47,7 @@ def revoke_key(s: DbSession, key_id_or_prefix: str) -> int:
     cond = [ApiKey.key_prefix == key_id_or_prefix]
     if key_id_or_prefix.isdigit():
         cond.append(ApiKey.id == int(key_id_or_prefix))
-    result = s.execute(
-        update(ApiKey).where(or_(*cond), ApiKey.revoked_at.is_(None)).values(revoked_at=db_now(s))
-    )
+    result = s.execute(update(ApiKey).where(or_(*cond), ApiKey.revoked_at.is_(None)).values(revoked_at=db_now(s)))
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 

@@ -21,9 +21,7 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-async def get_tenant(
-    request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None
-) -> str:
+async def get_tenant(request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> str:
     state: AppState = request.app.state.tuft
     return await run_in_threadpool(state.keys.tenant_for, x_api_key)
 

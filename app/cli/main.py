@@ -27,9 +27,7 @@ def _add_server(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tuft", description="TuFT: a durable, self-hosted Tinker-compatible server"
-    )
+    parser = argparse.ArgumentParser(prog="tuft", description="TuFT: a durable, self-hosted Tinker-compatible server")
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser("launch", help="migrate, start one worker and serve the API (embedded default)")

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -109,9 +110,9 @@ class Op(Base):
     tenant: Mapped[str] = mapped_column(String(200), index=True)
     # Training ops: (run_id, seq). Sampling ops: (sampler_id, sampler_seq). create_model: run_id only.
     run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.run_id"), nullable=True)
-    seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     sampler_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
-    sampler_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sampler_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
     mutates: Mapped[bool] = mapped_column(Boolean, default=False)
     # sha256 of the canonical op: the same (run, seq) with another body is a 409.
@@ -160,7 +161,7 @@ class Checkpoint(Base):
     with_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
     # Ephemeral sampler weights (save_weights_and_get_sampling_client) are not listed.
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_by_op: Mapped[str] = mapped_column(String(64))
@@ -179,6 +180,6 @@ class Snapshot(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     storage_path: Mapped[str] = mapped_column(String(400))
     optimizer_steps: Mapped[int] = mapped_column(Integer)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)

@@ -80,7 +80,7 @@ def parse_tinker_path(path: str) -> TinkerPath:
     if not path.startswith("tinker://"):
         raise InvalidInput(f"invalid checkpoint path {path!r}: expected tinker://<run>/<kind>/<name>")
     parts = path[len("tinker://") :].split("/")
-    if len(parts) != 3 or not parts[0]:
+    if len(parts) != 3 or not parts[0] or "\x00" in path:
         raise InvalidInput(f"invalid checkpoint path {path!r}: expected tinker://<run>/<kind>/<name>")
     kind, name = parse_checkpoint_id(f"{parts[1]}/{parts[2]}")
     return TinkerPath(parts[0], kind, name)

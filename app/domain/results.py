@@ -60,12 +60,7 @@ class SampleResult(_Frozen):
 
 
 Result = Annotated[
-    CreateModelResult
-    | ForwardBackwardResult
-    | OptimStepResult
-    | SaveWeightsResult
-    | LoadWeightsResult
-    | SampleResult,
+    CreateModelResult | ForwardBackwardResult | OptimStepResult | SaveWeightsResult | LoadWeightsResult | SampleResult,
     Field(discriminator="kind"),
 ]
 _RESULT_ADAPTER: TypeAdapter[Result] = TypeAdapter(Result)

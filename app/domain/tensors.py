@@ -30,9 +30,7 @@ class Array(BaseModel):
     data: bytes
 
     @classmethod
-    def from_list(
-        cls, values: list[float] | list[int], dtype: DType, shape: tuple[int, ...] | None = None
-    ) -> Array:
+    def from_list(cls, values: list[float] | list[int], dtype: DType, shape: tuple[int, ...] | None = None) -> Array:
         arr = array(_TYPECODE[dtype], values)
         if sys.byteorder != "little":
             arr.byteswap()

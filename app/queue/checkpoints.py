@@ -19,9 +19,7 @@ def storage_path_for(run_id: str, kind: str, name: str) -> str:
 
 def find(s: DbSession, run_id: str, kind: str, name: str) -> Checkpoint | None:
     return s.execute(
-        select(Checkpoint).where(
-            Checkpoint.run_id == run_id, Checkpoint.kind == kind, Checkpoint.name == name
-        )
+        select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.kind == kind, Checkpoint.name == name)
     ).scalar_one_or_none()
 
 

@@ -79,9 +79,7 @@ def skip_rejected_op(s: DbSession, *, worker_id: str, run_id: str, seq: int, epo
     """Move past an op that the API already failed at submission (its future is terminal)."""
     advanced = s.execute(
         update(Run)
-        .where(
-            Run.run_id == run_id, Run.owner_worker == worker_id, Run.lease_epoch == epoch, Run.next_seq == seq
-        )
+        .where(Run.run_id == run_id, Run.owner_worker == worker_id, Run.lease_epoch == epoch, Run.next_seq == seq)
         .values(applied_seq=seq, next_seq=seq + 1)
     )
     if advanced.rowcount != 1:  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ _COLUMNS = (Op.request_id, Op.tenant, Op.kind, Op.status, Op.result, Op.error_me
 
 
 def get_future(s: DbSession, tenant: str, request_id: str) -> FutureView:
-    row = s.execute(select(*_COLUMNS).where(Op.request_id == request_id)).first()
+    row = None if "\x00" in request_id else s.execute(select(*_COLUMNS).where(Op.request_id == request_id)).first()
     # Another tenant's future is reported exactly like an unknown one: ids are never confirmed.
     if row is None or row.tenant != tenant:
         raise NotFound(f"future {request_id!r} not found")

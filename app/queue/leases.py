@@ -85,9 +85,7 @@ def acquire_runs(s: DbSession, worker_id: str, ttl: float, limit: int = 8) -> li
 
 def release_all(s: DbSession, worker_id: str) -> None:
     """Graceful stop: hand every run back at once instead of making others wait for the TTL."""
-    s.execute(
-        update(Run).where(Run.owner_worker == worker_id).values(owner_worker=None, lease_expires_at=None)
-    )
+    s.execute(update(Run).where(Run.owner_worker == worker_id).values(owner_worker=None, lease_expires_at=None))
     s.execute(update(Worker).where(Worker.worker_id == worker_id).values(stopped_at=db_now(s)))
     # Samples this worker claimed but did not finish go back to the queue.
     s.execute(

@@ -41,7 +41,7 @@ class Submitted:
 
 
 def get_session(s: DbSession, tenant: str, session_id: str, *, live: bool = False) -> Session:
-    row = s.get(Session, session_id)
+    row = None if "\x00" in session_id else s.get(Session, session_id)
     if row is None or row.tenant != tenant:
         raise NotFound(f"session {session_id!r} not found")
     if live and row.finished_at is not None:
@@ -50,14 +50,14 @@ def get_session(s: DbSession, tenant: str, session_id: str, *, live: bool = Fals
 
 
 def get_run(s: DbSession, tenant: str, run_id: str) -> Run:
-    row = s.get(Run, run_id)
+    row = None if "\x00" in run_id else s.get(Run, run_id)
     if row is None or row.tenant != tenant:
         raise NotFound(f"training run {run_id!r} not found")
     return row
 
 
 def get_sampler(s: DbSession, tenant: str, sampler_id: str) -> Sampler:
-    row = s.get(Sampler, sampler_id)
+    row = None if "\x00" in sampler_id else s.get(Sampler, sampler_id)
     if row is None or row.tenant != tenant:
         raise NotFound(f"sampler {sampler_id!r} not found")
     return row
@@ -230,9 +230,7 @@ def submit_run_op(
         created_at=now,
         finished_at=now if rejected else None,
     )
-    request_id = _insert_or_dedupe(
-        s, row, [Op.run_id == run.run_id, Op.seq == seq], f"seq_id {seq} of {run.run_id}"
-    )
+    request_id = _insert_or_dedupe(s, row, [Op.run_id == run.run_id, Op.seq == seq], f"seq_id {seq} of {run.run_id}")
     run.last_request_at = now
     return Submitted(request_id, _wakeup_for_run(s, run))
 

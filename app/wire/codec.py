@@ -180,6 +180,4 @@ def _topk(rows: Sequence[Sequence[tuple[int, float]] | None]) -> pb.TopkLogprobs
         cells += [(_TOPK_EMPTY_TOKEN, _TOPK_EMPTY_LOGPROB)] * (k - len(cells))
         token_ids.extend(token for token, _ in cells)
         logprobs.extend(lp for _, lp in cells)
-    return pb.TopkLogprobs(
-        token_ids=pack_le("i", token_ids), logprobs=pack_le("f", logprobs), k=k, length=len(rows)
-    )
+    return pb.TopkLogprobs(token_ids=pack_le("i", token_ids), logprobs=pack_le("f", logprobs), k=k, length=len(rows))

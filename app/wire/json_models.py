@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.domain.errors import InvalidInput, MalformedRequest
 from app.domain.ids import run_id_for
@@ -37,9 +37,7 @@ def parse_body(model: type[M], body: bytes | str | dict[str, Any]) -> M:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors())
         raise InvalidInput(f"invalid {model.__name__}: {problems}") from exc
 
 
@@ -51,11 +49,18 @@ class ClientConfigRequest(WireModel):
 
 
 class CreateSessionRequest(WireModel):
+    @field_validator("sdk_version", "display_name", "tags")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        if any("\x00" in x for x in ([v] if isinstance(v, str) else v or [])):
+            raise ValueError("must not contain NUL characters")
+        return v
+
     tags: list[str] = Field(default_factory=list)
     user_metadata: dict[str, Any] | None = None
-    sdk_version: str | None = None
+    sdk_version: str | None = Field(None, max_length=64)
     project_id: str | None = None
-    display_name: str | None = None  # 0.38
+    display_name: str | None = Field(None, max_length=200)  # 0.38
 
 
 class SessionHeartbeatRequest(WireModel):
@@ -106,7 +111,7 @@ class OptimizerConfigModel(WireModel):
 
 class CreateModelRequest(WireModel):
     session_id: str
-    model_seq_id: int
+    model_seq_id: int = Field(ge=0, le=2**31 - 1)
     base_model: str
     user_metadata: dict[str, Any] | None = None
     lora_config: LoraConfigModel | None = None
@@ -130,7 +135,7 @@ class OptimStepRequest(WireModel):
     """0.25 sends `adam_params`; 0.38 sends `adam_params` or `optimizer_params` (non-Adam, §6.5)."""
 
     model_id: str
-    seq_id: int | None = None
+    seq_id: int | None = Field(None, le=2**31 - 1)
     adam_params: AdamParamsModel | None = None
     optimizer_params: dict[str, Any] | None = None
     # The 0.38 request model's own field name, accepted in case a client dumps it unaliased.
@@ -140,7 +145,7 @@ class OptimStepRequest(WireModel):
 class SaveWeightsRequest(WireModel):
     model_id: str
     path: str | None = None  # the checkpoint name; the server composes the tinker:// path (§8)
-    seq_id: int | None = None
+    seq_id: int | None = Field(None, le=2**31 - 1)
     ttl_seconds: int | None = None
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None  # 0.38
@@ -153,7 +158,7 @@ class SaveWeightsForSamplerRequest(WireModel):
     path: str | None = None
     sampling_session_seq_id: int | None = None
     kind: Literal["snapshot", "inflight"] = "snapshot"  # 0.38; absent in 0.25
-    seq_id: int | None = None
+    seq_id: int | None = Field(None, le=2**31 - 1)
     ttl_seconds: int | None = None
     user_metadata: dict[str, str] | None = None  # 0.38
 
@@ -161,7 +166,7 @@ class SaveWeightsForSamplerRequest(WireModel):
 class SaveWeightsExternalRequest(WireModel):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
+    seq_id: int | None = Field(None, le=2**31 - 1)
     ttl_seconds: int | None = None
 
 
@@ -169,7 +174,7 @@ class LoadWeightsRequest(WireModel):
     """Legacy addressing (`model_id` + `seq_id`) or create-via-load (`session_id` + `model_seq_id`)."""
 
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: int | None = Field(None, le=2**31 - 1)
     session_id: str | None = None
     model_seq_id: int | None = None
     base_model: str | None = None
@@ -221,7 +226,7 @@ class SamplingParamsModel(WireModel):
 
 class CreateSamplingSessionRequest(WireModel):
     session_id: str
-    sampling_session_seq_id: int
+    sampling_session_seq_id: int = Field(ge=0)
     base_model: str | None = None
     model_path: str | None = None
 
@@ -237,7 +242,7 @@ class SampleRequest(WireModel):
     base_model: str | None = None
     model_path: str | None = None
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: int | None = Field(None, lt=2**63)
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = 0
     # 0.38 only:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-26 11:22:39.935913
+Create Date: 2026-11-26 11:49:32.874570
 """
 
 from __future__ import annotations
@@ -81,9 +81,7 @@ def upgrade() -> None:
         sa.Column("last_snapshot_seq", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("last_request_at", sa.Float(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["session_id"], ["sessions.session_id"], name=op.f("fk_runs_session_id_sessions")
-        ),
+        sa.ForeignKeyConstraint(["session_id"], ["sessions.session_id"], name=op.f("fk_runs_session_id_sessions")),
         sa.PrimaryKeyConstraint("run_id", name=op.f("pk_runs")),
         sa.UniqueConstraint("session_id", "model_seq_id", name=op.f("uq_runs_session_id")),
     )
@@ -100,9 +98,7 @@ def upgrade() -> None:
         sa.Column("base_model", sa.String(length=200), nullable=False),
         sa.Column("model_path", sa.String(length=400), nullable=True),
         sa.Column("created_at", sa.Float(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["session_id"], ["sessions.session_id"], name=op.f("fk_samplers_session_id_sessions")
-        ),
+        sa.ForeignKeyConstraint(["session_id"], ["sessions.session_id"], name=op.f("fk_samplers_session_id_sessions")),
         sa.PrimaryKeyConstraint("sampler_id", name=op.f("pk_samplers")),
     )
     with op.batch_alter_table("samplers", schema=None) as batch_op:
@@ -121,7 +117,7 @@ def upgrade() -> None:
         sa.Column("lora_config", sa.JSON(), nullable=False),
         sa.Column("with_optimizer", sa.Boolean(), nullable=False),
         sa.Column("ephemeral", sa.Boolean(), nullable=False),
-        sa.Column("size_bytes", sa.Integer(), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("public", sa.Boolean(), nullable=False),
         sa.Column("user_metadata", sa.JSON(), nullable=True),
         sa.Column("created_by_op", sa.String(length=64), nullable=False),
@@ -140,9 +136,9 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(length=64), nullable=False),
         sa.Column("tenant", sa.String(length=200), nullable=False),
         sa.Column("run_id", sa.String(length=100), nullable=True),
-        sa.Column("seq", sa.Integer(), nullable=True),
+        sa.Column("seq", sa.BigInteger(), nullable=True),
         sa.Column("sampler_id", sa.String(length=100), nullable=True),
-        sa.Column("sampler_seq", sa.Integer(), nullable=True),
+        sa.Column("sampler_seq", sa.BigInteger(), nullable=True),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("mutates", sa.Boolean(), nullable=False),
         sa.Column("request_sha256", sa.String(length=64), nullable=False),
@@ -174,7 +170,7 @@ def upgrade() -> None:
         sa.Column("epoch", sa.Integer(), nullable=False),
         sa.Column("storage_path", sa.String(length=400), nullable=False),
         sa.Column("optimizer_steps", sa.Integer(), nullable=False),
-        sa.Column("size_bytes", sa.Integer(), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("manifest_sha256", sa.String(length=64), nullable=False),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name=op.f("fk_snapshots_run_id_runs")),

@@ -47,9 +47,7 @@ class LiveServer:
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
-        return subprocess.Popen(
-            [*TUFT, *args], cwd=REPO, env=_env(self.env), stdout=log, stderr=subprocess.STDOUT
-        )
+        return subprocess.Popen([*TUFT, *args], cwd=REPO, env=_env(self.env), stdout=log, stderr=subprocess.STDOUT)
 
     def start(self, timeout: float = 120.0) -> LiveServer:
         self.procs.append(self._spawn(self.args, "api"))
@@ -82,8 +80,7 @@ class LiveServer:
 
     def logs(self) -> str:
         return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
-            for p in sorted(self.log_dir.glob("*.log"))
+            f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in sorted(self.log_dir.glob("*.log"))
         )
 
 
@@ -99,9 +96,7 @@ def distributed(tmp_path: Path, database_url: str, redis_url: str) -> LiveServer
     port = free_port()
     common = ["--data-dir", str(data), "--database-url", database_url, "--redis-url", redis_url]
     subprocess.run([*TUFT, "db", "upgrade", *common], cwd=REPO, env=_env(), check=True, capture_output=True)
-    server = LiveServer(
-        port=port, data_dir=data, args=["api", "--port", str(port), *common], log_dir=tmp_path
-    )
+    server = LiveServer(port=port, data_dir=data, args=["api", "--port", str(port), *common], log_dir=tmp_path)
     server.worker_args = ["worker", "--device", "cpu", *common]
     # The dev key is on only in the embedded default; deployments configure their keys.
     config = tmp_path / "tuft.yaml"

@@ -111,7 +111,8 @@ def test_sampling_parameters(embedded_server: LiveServer) -> None:
 
     def run(**kw: object) -> types.SampleResponse:
         n = int(kw.pop("num_samples", 1))  # type: ignore[call-overload]
-        return sampler.sample(prompt=prompt, num_samples=n, sampling_params=types.SamplingParams(**kw)).result(timeout=60)
+        params = types.SamplingParams(**kw)  # type: ignore[arg-type]
+        return sampler.sample(prompt=prompt, num_samples=n, sampling_params=params).result(timeout=60)
 
     # stop token ids: the sequence ends at (and includes) the stop token.
     out = run(max_tokens=4, temperature=0.0, stop=[CONTINUATION[1]])

@@ -111,9 +111,7 @@ def _wait_for_op_row(db_file: Path, count: int, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         with sqlite3.connect(db_file) as conn:
             if (
-                conn.execute(
-                    "select count(*) from ops where run_id is not null and seq is not null"
-                ).fetchone()[0]
+                conn.execute("select count(*) from ops where run_id is not null and seq is not null").fetchone()[0]
                 >= count
             ):
                 return

@@ -135,12 +135,7 @@ def test_takeover_fences_the_old_owner(db: Database) -> None:
     _commit(db, "w2", ready)
     with db.read() as s:
         op = s.get(Op, request_id)
-        assert (
-            op is not None
-            and op.status == "succeeded"
-            and op.attempt == 2
-            and op.claimed_epoch == lease2.epoch
-        )
+        assert op is not None and op.status == "succeeded" and op.attempt == 2 and op.claimed_epoch == lease2.epoch
 
 
 def test_rejected_op_is_skipped_without_stalling(db: Database) -> None:
@@ -148,9 +143,7 @@ def test_rejected_op_is_skipped_without_stalling(db: Database) -> None:
     _register(db, "w1")
     with db.write() as s:
         run = submit.get_run(s, TENANT, run_id)
-        rejected = submit.submit_run_op(
-            s, run, 1, None, rejected="bad tokens", kind="forward_backward", raw=b"x"
-        )
+        rejected = submit.submit_run_op(s, run, 1, None, rejected="bad tokens", kind="forward_backward", raw=b"x")
     _submit(db, run_id, 2)
     with db.write() as s:
         (lease,) = leases.acquire_runs(s, "w1", ttl=30)
@@ -170,9 +163,7 @@ def test_rejected_op_is_skipped_without_stalling(db: Database) -> None:
 
 def test_samples_are_claimed_once_and_requeued_when_abandoned(db: Database) -> None:
     with db.write() as s:
-        session_id = submit.create_session(
-            s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None
-        )
+        session_id = submit.create_session(s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None)
         sampler = submit.create_sampler(
             s, TENANT, session_id=session_id, sampling_session_seq_id=0, base_model="m", model_path=None
         )
@@ -200,9 +191,7 @@ def test_samples_are_claimed_once_and_requeued_when_abandoned(db: Database) -> N
 
 def test_create_run_is_idempotent_per_model_seq_id(db: Database) -> None:
     with db.write() as s:
-        session_id = submit.create_session(
-            s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None
-        )
+        session_id = submit.create_session(s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None)
         a = submit.create_run(
             s,
             TENANT,

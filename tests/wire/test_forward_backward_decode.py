@@ -46,9 +46,7 @@ def sdk_body(
     return msg.SerializeToString()
 
 
-def decode(
-    body: bytes, encoding: str | None = None, limit: int = LIMIT
-) -> tuple[str, int, ForwardBackwardOp]:
+def decode(body: bytes, encoding: str | None = None, limit: int = LIMIT) -> tuple[str, int, ForwardBackwardOp]:
     return decode_forward_backward(body, encoding, limit)
 
 
@@ -141,9 +139,7 @@ def test_hand_built_sparse_tensor_data() -> None:
 
 def test_tensor_without_shape_is_one_dimensional() -> None:
     td = types.TensorData(data=[1, 2, 3], dtype="int64")
-    datum = types.Datum(
-        model_input=types.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": td}
-    )
+    datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": td})
     _, _, op = decode(sdk_body([datum]))
     assert op.data[0].loss_fn_inputs["target_tokens"].shape == (3,)
 
@@ -297,9 +293,7 @@ def test_sparse_tensor_that_densifies_past_the_cap_is_too_large() -> None:
 
 def test_image_chunk_is_rejected() -> None:
     datum = types.Datum(
-        model_input=types.ModelInput(
-            chunks=[types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=4)]
-        ),
+        model_input=types.ModelInput(chunks=[types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=4)]),
         loss_fn_inputs={"target_tokens": [1, 2, 3, 4]},  # type: ignore[dict-item]
     )
     with pytest.raises(InvalidInput, match="image/audio input is not supported by this server"):
@@ -348,9 +342,7 @@ def test_sdk_none_seq_id_is_missing() -> None:
 
 def test_empty_data_and_empty_datum() -> None:
     with pytest.raises(InvalidInput, match="at least one datum"):
-        decode(
-            sdk_pb.ForwardBackwardRequest(model_id="m", seq_id=1, loss_fn="cross_entropy").SerializeToString()
-        )
+        decode(sdk_pb.ForwardBackwardRequest(model_id="m", seq_id=1, loss_fn="cross_entropy").SerializeToString())
     msg = sdk_pb.ForwardBackwardRequest(model_id="m", seq_id=1, loss_fn="cross_entropy")
     msg.data.add()
     with pytest.raises(InvalidInput, match="no tokens"):

@@ -86,16 +86,12 @@ def test_create_model_0_38_and_0_25() -> None:
 def test_optim_step_adam_and_dimuon() -> None:
     adam = jm.parse_body(
         jm.OptimStepRequest,
-        wire_body(
-            types.OptimStepRequest(optim_params=types.AdamParams(learning_rate=3e-4), model_id="m", seq_id=4)
-        ),
+        wire_body(types.OptimStepRequest(optim_params=types.AdamParams(learning_rate=3e-4), model_id="m", seq_id=4)),
     )
     assert adam.adam_params is not None and adam.adam_params.learning_rate == 3e-4 and adam.seq_id == 4
     dimuon = jm.parse_body(
         jm.OptimStepRequest,
-        wire_body(
-            types.OptimStepRequest(optim_params=DimuonParams(learning_rate=0.02), model_id="m", seq_id=5)
-        ),
+        wire_body(types.OptimStepRequest(optim_params=DimuonParams(learning_rate=0.02), model_id="m", seq_id=5)),
     )
     assert dimuon.adam_params is None
     assert dimuon.optimizer_params is not None and dimuon.optimizer_params["type"] == "dimuon"
@@ -130,9 +126,7 @@ def test_save_requests() -> None:
     ephemeral = jm.parse_body(
         jm.SaveWeightsForSamplerRequest,
         wire_body(
-            types.SaveWeightsForSamplerRequest(
-                model_id="m", sampling_session_seq_id=0, seq_id=6, kind="inflight"
-            )
+            types.SaveWeightsForSamplerRequest(model_id="m", sampling_session_seq_id=0, seq_id=6, kind="inflight")
         ),
     )
     assert (ephemeral.path, ephemeral.kind, ephemeral.sampling_session_seq_id) == (None, "inflight", 0)
@@ -146,9 +140,7 @@ def test_save_requests() -> None:
 def test_load_weights_both_addressing_modes() -> None:
     legacy = jm.parse_body(
         jm.LoadWeightsRequest,
-        wire_body(
-            types.LoadWeightsRequest(model_id="m", seq_id=7, path="tinker://r/weights/c", optimizer=False)
-        ),
+        wire_body(types.LoadWeightsRequest(model_id="m", seq_id=7, path="tinker://r/weights/c", optimizer=False)),
     )
     assert (legacy.model_id, legacy.seq_id, legacy.creates_model, legacy.created_model_id) == (
         "m",
@@ -171,9 +163,7 @@ def test_load_weights_both_addressing_modes() -> None:
 def test_sampling_session_and_sample_0_38() -> None:
     session = jm.parse_body(
         jm.CreateSamplingSessionRequest,
-        wire_body(
-            types.CreateSamplingSessionRequest(session_id="s", sampling_session_seq_id=1, base_model="b")
-        ),
+        wire_body(types.CreateSamplingSessionRequest(session_id="s", sampling_session_seq_id=1, base_model="b")),
     )
     assert (session.sampling_session_seq_id, session.base_model, session.model_path) == (1, "b", None)
     body = wire_body(

@@ -84,9 +84,7 @@ def test_no_outputs_and_fieldless_outputs() -> None:
 
 
 def test_empty_per_datum_array() -> None:
-    out = sdk_fwdbwd(
-        ForwardBackwardResult(outputs=({"logprobs": f32([])}, {"logprobs": f32([1.5])}), metrics={})
-    )
+    out = sdk_fwdbwd(ForwardBackwardResult(outputs=({"logprobs": f32([])}, {"logprobs": f32([1.5])}), metrics={}))
     assert out.loss_fn_outputs[0]["logprobs"].shape == [0]
     assert out.loss_fn_outputs[1]["logprobs"].tolist() == [1.5]
 

@@ -20,9 +20,7 @@ from app.domain.tensors import Array
 from app.wire.codec import decode_forward_backward, encode_forward_backward_output, encode_sample_response
 
 SRC = os.environ.get("TUFT_TINKER_025_SRC")
-pytestmark = pytest.mark.skipif(
-    not SRC or not (Path(SRC) / "tinker").is_dir(), reason="TUFT_TINKER_025_SRC not set"
-)
+pytestmark = pytest.mark.skipif(not SRC or not (Path(SRC) / "tinker").is_dir(), reason="TUFT_TINKER_025_SRC not set")
 
 _SCRIPT = """
 import json, sys

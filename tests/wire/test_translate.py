@@ -91,9 +91,7 @@ def test_optim_step_adam() -> None:
 def test_optim_step_dimuon_rejected() -> None:
     req = jm.parse_body(
         jm.OptimStepRequest,
-        wire_body(
-            types.OptimStepRequest(optim_params=DimuonParams(learning_rate=0.02), model_id="m", seq_id=2)
-        ),
+        wire_body(types.OptimStepRequest(optim_params=DimuonParams(learning_rate=0.02), model_id="m", seq_id=2)),
     )
     with pytest.raises(InvalidInput, match="optimizer dimuon is not supported"):
         tr.optim_step_to_op(req)
@@ -130,9 +128,7 @@ def test_save_weights_to_op() -> None:
     req = jm.parse_body(
         jm.SaveWeightsRequest,
         wire_body(
-            types.SaveWeightsRequest(
-                model_id="m", path="ckpt-1", seq_id=4, ttl_seconds=3600, user_metadata={"k": "v"}
-            )
+            types.SaveWeightsRequest(model_id="m", path="ckpt-1", seq_id=4, ttl_seconds=3600, user_metadata={"k": "v"})
         ),
     )
     op = tr.save_weights_to_op(req)
@@ -163,9 +159,7 @@ def test_save_weights_for_sampler_named_and_ephemeral() -> None:
         jm.parse_body(
             jm.SaveWeightsForSamplerRequest,
             wire_body(
-                types.SaveWeightsForSamplerRequest(
-                    model_id="m", sampling_session_seq_id=2, seq_id=6, kind="inflight"
-                )
+                types.SaveWeightsForSamplerRequest(model_id="m", sampling_session_seq_id=2, seq_id=6, kind="inflight")
             ),
         )
     )
@@ -179,9 +173,7 @@ def test_save_weights_for_sampler_named_and_ephemeral() -> None:
 
 
 def test_load_weights_to_op() -> None:
-    legacy = jm.LoadWeightsRequest(
-        model_id="m", seq_id=1, path="tinker://r:train:0/weights/c1", optimizer=True
-    )
+    legacy = jm.LoadWeightsRequest(model_id="m", seq_id=1, path="tinker://r:train:0/weights/c1", optimizer=True)
     op = tr.load_weights_to_op(legacy)
     assert (op.path, op.with_optimizer) == ("tinker://r:train:0/weights/c1", True)
     create = jm.LoadWeightsRequest(session_id="s", model_seq_id=1, path="tinker://r/sampler_weights/c2")
@@ -215,9 +207,7 @@ def test_check_create_sampling_session() -> None:
         )
     )
     with pytest.raises(InvalidInput, match="base_model or model_path"):
-        tr.check_create_sampling_session(
-            jm.CreateSamplingSessionRequest(session_id="s", sampling_session_seq_id=0)
-        )
+        tr.check_create_sampling_session(jm.CreateSamplingSessionRequest(session_id="s", sampling_session_seq_id=0))
 
 
 def test_sample_to_op_from_real_sdk_body() -> None:
@@ -249,9 +239,7 @@ def test_sample_to_op_from_real_sdk_body() -> None:
         ([], (), (), False),
     ],
 )
-def test_sample_stop_variants(
-    stop: Any, strings: tuple[str, ...], tokens: tuple[int, ...], eos: bool
-) -> None:
+def test_sample_stop_variants(stop: Any, strings: tuple[str, ...], tokens: tuple[int, ...], eos: bool) -> None:
     body = wire_body(
         types.SampleRequest(
             prompt=types.ModelInput.from_ints([1]), sampling_params=types.SamplingParams(stop=stop), seq_id=0
@@ -268,9 +256,7 @@ def test_compute_logprobs_shape() -> None:
 
 def test_multi_chunk_prompt_concatenated() -> None:
     req = sample_req(
-        prompt={
-            "chunks": [{"type": "encoded_text", "tokens": [1]}, {"type": "encoded_text", "tokens": [2, 3]}]
-        }
+        prompt={"chunks": [{"type": "encoded_text", "tokens": [1]}, {"type": "encoded_text", "tokens": [2, 3]}]}
     )
     assert tr.sample_to_op(req).prompt == (1, 2, 3)
 
@@ -323,12 +309,8 @@ def test_sample_media_chunks_rejected(chunk: dict[str, Any]) -> None:
 
 
 def test_sample_real_sdk_image_chunk_rejected() -> None:
-    model_input = types.ModelInput(
-        chunks=[types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=2)]
-    )
-    body = wire_body(
-        types.SampleRequest(prompt=model_input, sampling_params=types.SamplingParams(), seq_id=0)
-    )
+    model_input = types.ModelInput(chunks=[types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=2)])
+    body = wire_body(types.SampleRequest(prompt=model_input, sampling_params=types.SamplingParams(), seq_id=0))
     with pytest.raises(InvalidInput, match="image/audio"):
         tr.sample_to_op(jm.parse_body(jm.SampleRequest, body))
 

@@ -14,7 +14,7 @@ from app.api.deps import State, Tenant
 from app.db.models import Checkpoint, Run
 from app.domain.ids import checkpoint_path, parse_checkpoint_id
 from app.queue import checkpoints, submit
-from app.wire.json_models import ListQuery
+from app.wire.json_models import ListQuery, parse_body
 
 router = APIRouter()
 
@@ -56,8 +56,8 @@ def run_json(s: Any, run: Run) -> dict[str, Any]:
 
 
 def _page(request: Request, default_limit: int) -> tuple[int, int]:
-    q = ListQuery.model_validate({"limit": default_limit, **dict(request.query_params)})
-    return max(1, min(q.limit, 1000)), max(0, q.offset)
+    q = parse_body(ListQuery, {"limit": default_limit, **dict(request.query_params)})
+    return max(1, min(q.limit, 1000)), max(0, min(q.offset, 2**31 - 1))
 
 
 @router.get("/api/v1/training_runs")
@@ -68,11 +68,7 @@ async def list_training_runs(request: Request, state: State, tenant: Tenant) -> 
         with state.db.read() as s:
             total = s.execute(select(func.count()).select_from(Run).where(Run.tenant == tenant)).scalar_one()
             runs = s.execute(
-                select(Run)
-                .where(Run.tenant == tenant)
-                .order_by(Run.created_at.desc())
-                .limit(limit)
-                .offset(offset)
+                select(Run).where(Run.tenant == tenant).order_by(Run.created_at.desc()).limit(limit).offset(offset)
             ).scalars()
             return {
                 "training_runs": [run_json(s, r) for r in runs],

@@ -17,6 +17,7 @@ from app.wire.json_models import (
     FinishSessionRequest,
     ListQuery,
     SessionHeartbeatRequest,
+    parse_body,
 )
 
 router = APIRouter()
@@ -63,7 +64,7 @@ async def finish_session(session_id: str, request: Request, state: State, tenant
             row = submit.get_session(s, tenant, session_id)
             if row.finished_at is None:  # first finish wins (SDK docstring)
                 row.finished_at = db_now(s)
-                row.finish_reason = req.reason.type if req.reason else "success"
+                row.finish_reason = (req.reason.type if req.reason else "success").replace("\x00", "")[:32]
 
     await run_in_threadpool(work)
     return {}
@@ -71,7 +72,7 @@ async def finish_session(session_id: str, request: Request, state: State, tenant
 
 @router.get("/api/v1/sessions")
 async def list_sessions(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
-    q = ListQuery.model_validate(dict(request.query_params))
+    q = parse_body(ListQuery, dict(request.query_params))
 
     def work() -> list[str]:
         with state.db.read() as s:
@@ -81,7 +82,7 @@ async def list_sessions(request: Request, state: State, tenant: Tenant) -> dict[
                     .where(Session.tenant == tenant)
                     .order_by(Session.created_at.desc())
                     .limit(max(1, min(q.limit, 1000)))
-                    .offset(max(0, q.offset))
+                    .offset(max(0, min(q.offset, 2**31 - 1)))
                 ).scalars()
             )
 
@@ -97,9 +98,7 @@ async def get_session(session_id: str, state: State, tenant: Tenant) -> dict[str
                 select(Run.run_id).where(Run.session_id == session_id).order_by(Run.model_seq_id)
             ).scalars()
             samplers = s.execute(
-                select(Sampler.sampler_id)
-                .where(Sampler.session_id == session_id)
-                .order_by(Sampler.created_at)
+                select(Sampler.sampler_id).where(Sampler.session_id == session_id).order_by(Sampler.created_at)
             ).scalars()
             return {
                 "training_run_ids": list(runs),

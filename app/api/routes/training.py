@@ -21,7 +21,7 @@ from app.api.deps import State, Tenant, body_as
 from app.api.state import AppState
 from app.api.validation import check_forward_backward
 from app.db.models import Run
-from app.domain.errors import DomainError, InvalidInput
+from app.domain.errors import DomainError, InvalidInput, MalformedRequest, NotFound
 from app.domain.ids import parse_tinker_path
 from app.domain.ops import LoraConfig
 from app.queue import checkpoints, submit
@@ -57,7 +57,7 @@ def _submit_run_op(
         else:
             try:
                 op = build(s, run)
-            except InvalidInput as exc:
+            except (InvalidInput, NotFound) as exc:
                 rejected = exc.message
         if rejected is not None and op is None:
             sub = submit.submit_run_op(s, run, seq, None, rejected=rejected, kind=kind, raw=raw)
@@ -131,7 +131,9 @@ async def forward_backward(request: Request, state: State, tenant: Tenant) -> di
     limit = state.settings.max_decompressed_bytes
     try:
         model_id, seq, op = decode_forward_backward(body, encoding, limit)
-    except InvalidInput as exc:
+    except (InvalidInput, MalformedRequest) as exc:
+        # A body whose envelope parses names its (model, seq): record the failure there, or
+        # every later op of the run would wait forever for this seq_id.
         located = _seq_of_broken_body(body, encoding, limit)
         if located is None:
             raise
@@ -156,9 +158,7 @@ async def forward_backward(request: Request, state: State, tenant: Tenant) -> di
         )
         return op
 
-    request_id = await run_in_threadpool(
-        _submit_run_op, state, tenant, model_id, seq, "forward_backward", build, body
-    )
+    request_id = await run_in_threadpool(_submit_run_op, state, tenant, model_id, seq, "forward_backward", build, body)
     return {"request_id": request_id, "model_id": model_id}
 
 
@@ -183,16 +183,12 @@ async def _json_run_op(
 
 @router.post("/api/v1/optim_step")
 async def optim_step(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
-    return await _json_run_op(
-        request, state, tenant, OptimStepRequest, "optim_step", translate.optim_step_to_op
-    )
+    return await _json_run_op(request, state, tenant, OptimStepRequest, "optim_step", translate.optim_step_to_op)
 
 
 @router.post("/api/v1/save_weights")
 async def save_weights(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
-    return await _json_run_op(
-        request, state, tenant, SaveWeightsRequest, "save_weights", translate.save_weights_to_op
-    )
+    return await _json_run_op(request, state, tenant, SaveWeightsRequest, "save_weights", translate.save_weights_to_op)
 
 
 @router.post("/api/v1/save_weights_for_sampler")
@@ -219,9 +215,7 @@ async def load_weights(request: Request, state: State, tenant: Tenant) -> dict[s
             op = translate.load_weights_to_op(req)
             ckpt = checkpoints.resolve(s, tenant, parse_tinker_path(op.path))
             if ckpt.base_model != run.base_model:
-                raise InvalidInput(
-                    f"{op.path} was trained on {ckpt.base_model}, this run uses {run.base_model}"
-                )
+                raise InvalidInput(f"{op.path} was trained on {ckpt.base_model}, this run uses {run.base_model}")
             if ckpt.lora_config.get("rank") != run.lora_config.get("rank"):
                 raise InvalidInput(
                     f"{op.path} has LoRA rank {ckpt.lora_config.get('rank')}, "
