@@ -24,13 +24,16 @@ run: install
 services:
 	bash scripts/ensure-services.sh
 
-test: install services
+test: install services lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check app workers tests migrations
-	$(VENV)/bin/ruff format --check app workers tests migrations
+	$(VENV)/bin/ruff check app workers tests migrations examples
+	$(VENV)/bin/ruff format --check app workers tests migrations examples
 	$(VENV)/bin/mypy
+	@# House rule: the API side never imports the worker side or a GPU library.
+	@! grep -rnE '^\s*(from|import)\s+(workers|torch|transformers|peft)\b' app
+	@! grep -rnE '^\s*(from|import)\s+(sqlalchemy|celery|fastapi|app\.(db|queue|wire|api))\b' workers/engine
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

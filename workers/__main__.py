@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def register() -> None:
         with db.write() as s:
-            leases.register_worker(
-                s, worker_id=worker_id, host=host, device=device, queue=queue, pid=os.getpid()
-            )
+            leases.register_worker(s, worker_id=worker_id, host=host, device=device, queue=queue, pid=os.getpid())
 
     _wait_for_schema(settings, db, register)
     log.info(

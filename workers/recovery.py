@@ -67,9 +67,7 @@ class RunStates:
             base_model, lora = run.base_model, LoraConfig(**run.lora_config)
             history = s.execute(
                 select(Op.seq, Op.payload)
-                .where(
-                    Op.run_id == run_id, Op.seq <= applied_seq, Op.mutates.is_(True), Op.status == "succeeded"
-                )
+                .where(Op.run_id == run_id, Op.seq <= applied_seq, Op.mutates.is_(True), Op.status == "succeeded")
                 .order_by(Op.seq)
             ).all()
         self.engine.create_run(run_id, base_model, lora)

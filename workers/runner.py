@@ -176,9 +176,7 @@ class Runner:
         assert isinstance(result, BaseModel)
         return result, None
 
-    def _save(
-        self, op: ReadyOp, save: SaveWeightsOp
-    ) -> tuple[SaveWeightsResult, Callable[[DbSession], None]]:
+    def _save(self, op: ReadyOp, save: SaveWeightsOp) -> tuple[SaveWeightsResult, Callable[[DbSession], None]]:
         with self.db.read() as s:
             run = s.get(Run, op.run_id)
             assert run is not None
