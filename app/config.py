@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -66,6 +66,24 @@ class Settings(BaseModel):
     # Worker poll tick: the whole wake-up mechanism in embedded mode, a safety net with Redis.
     worker_poll_seconds: float = 0.1
 
+    # Recovery snapshots (docs/reliability.md): after an optim_step, once this many ops or seconds
+    # have passed since the last one. Replay after a crash is bounded by the interval; each
+    # snapshot costs a copy of the adapter and optimizer off the GPU plus a background write.
+    snapshot_every_ops: int = 20
+    snapshot_every_seconds: float = 120.0
+    snapshots_kept: int = 2
+    # Defaults to <data_dir>/snapshots; must be shared storage when runs can move between hosts.
+    snapshot_dir: Path | None = None
+
+    # An op whose execution killed its worker this many times is failed (category server);
+    # poison_policy then says whether the run goes on ("continue") or waits for an admin ("block").
+    max_op_attempts: int = 3
+    poison_policy: Literal["continue", "block"] = "continue"
+    # Sweeper cadence: expired leases, lost wake-ups, abandoned samples.
+    sweep_interval_seconds: float = 2.0
+    # Results stay in the database until delivered, then this long (0 keeps them forever).
+    result_retention_seconds: float = 86400.0
+
     # Request limits (HTTP 413 above them).
     max_request_bytes: int = 64 * 1024 * 1024
     max_decompressed_bytes: int = 256 * 1024 * 1024
@@ -86,6 +104,11 @@ class Settings(BaseModel):
         if self.checkpoint_dir is not None:
             return self.checkpoint_dir.expanduser().resolve()
         return self.resolved_data_dir() / "checkpoints"
+
+    def resolved_snapshot_dir(self) -> Path:
+        if self.snapshot_dir is not None:
+            return self.snapshot_dir.expanduser().resolve()
+        return self.resolved_data_dir() / "snapshots"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         ttl=settings.lease_ttl_seconds,
         states=runner.states,
         stop=runner.stop,
+        on_renewed=lambda t: setattr(runner, "last_renewal", t),
     )
     heartbeat.start()
 
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.run_forever()
     finally:
         _stop()
+        runner.snapshots.close()
         try:
             with db.write() as s:
                 leases.release_all(s, worker_id)

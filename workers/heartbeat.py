@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from app.db.engine import Database
 from app.queue import claim, leases
@@ -23,6 +25,7 @@ class Heartbeat(threading.Thread):
         ttl: float,
         states: RunStates,
         stop: threading.Event,
+        on_renewed: Callable[[float], None] | None = None,
     ) -> None:
         super().__init__(name="tuft-heartbeat", daemon=True)
         self.db = db
@@ -31,11 +34,15 @@ class Heartbeat(threading.Thread):
         self.ttl = ttl
         self.states = states
         self.stop_event = stop
+        self.on_renewed = on_renewed
 
     def beat(self) -> None:
+        started = time.monotonic()
         with self.db.write() as s:
             held = {lease.run_id for lease in leases.heartbeat(s, self.worker_id, self.ttl)}
             claim.renew_sample_claims(s, self.worker_id, self.ttl)
+        if self.on_renewed is not None:
+            self.on_renewed(started)
         lost = self.states.held_runs() - held
         if lost:
             self.states.mark_lost(lost)

@@ -2,8 +2,10 @@
 
 For every run this worker serves we remember (epoch, applied_seq) of the state held by the engine.
 Before op `seq` runs, the state must be exactly "after seq-1" under the current epoch; otherwise it
-is rebuilt: a fresh adapter initialised from the run's seed, then every committed mutating op
-replayed from its stored input, in order. Snapshots (to bound replay) plug in here.
+is rebuilt: the newest snapshot at or before that point that verifies (else a fresh adapter from
+the run's seed), then every committed mutating op after it replayed from its stored input, in
+order. Replayed results are compared with the stored ones, never rewritten: what a client has seen
+never changes, and a divergence (which only a nondeterministic device could cause) is reported.
 """
 
 from __future__ import annotations
@@ -15,28 +17,48 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from app.config import Settings
 from app.db.engine import Database
 from app.db.models import Op, Run
 from app.domain.ops import LoraConfig, parse_op
+from app.domain.results import result_bytes
+from app.queue import snapshots
+from app.snapshot_manifest import verify
 from workers.execute import Engine, apply_mutation
+from workers.snapshots import SnapshotWriter
 
 log = logging.getLogger(__name__)
 
 
 class RunStates:
-    def __init__(self, db: Database, engine: Engine, resolve_dir: Callable[[str], Path]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        engine: Engine,
+        resolve_dir: Callable[[str], Path],
+        writer: SnapshotWriter | None = None,
+    ) -> None:
         self.db = db
         self.engine = engine
         self.resolve_dir = resolve_dir
+        self.writer = writer
+        self.snapshot_root = settings.resolved_snapshot_dir()
         self._held: dict[str, tuple[int, int]] = {}  # run_id -> (epoch, applied_seq of the engine state)
         self._lost: set[str] = set()
         self._lock = threading.Lock()
+        # Counters for operators and tests: rebuilds, ops replayed, replayed results that differed.
+        self.rebuilds = 0
+        self.replayed = 0
+        self.divergences = 0
 
     def advance(self, run_id: str, epoch: int, seq: int) -> None:
         self._held[run_id] = (epoch, seq)
 
     def discard(self, run_id: str) -> None:
         self._held.pop(run_id, None)
+        if self.writer is not None:
+            self.writer.forget(run_id)
         if self.engine.has_run(run_id):
             self.engine.drop_run(run_id)
 
@@ -56,7 +78,7 @@ class RunStates:
             self.discard(run_id)
 
     def ensure(self, run_id: str, epoch: int, applied_seq: int) -> bool:
-        """Make the engine hold run_id's state as of applied_seq; False if that is impossible now."""
+        """Make the engine hold run_id's state as of applied_seq; False if the run moved meanwhile."""
         if self._held.get(run_id) == (epoch, applied_seq) and self.engine.has_run(run_id):
             return True
         self.discard(run_id)
@@ -65,20 +87,60 @@ class RunStates:
             if run is None or run.applied_seq != applied_seq:
                 return False
             base_model, lora = run.base_model, LoraConfig(**run.lora_config)
+            candidates = [
+                (c.applied_seq, c.storage_path, c.manifest_sha256, c.optimizer_steps)
+                for c in snapshots.candidates(s, run_id, applied_seq)
+            ]
+        self.engine.create_run(run_id, base_model, lora)
+        start = self._restore_snapshot(run_id, candidates)
+        if start < 0 and candidates:
+            # A rejected snapshot may have been half-loaded: start again from the seed.
+            self.engine.drop_run(run_id)
+            self.engine.create_run(run_id, base_model, lora)
+        with self.db.read() as s:
             history = s.execute(
-                select(Op.seq, Op.payload)
-                .where(Op.run_id == run_id, Op.seq <= applied_seq, Op.mutates.is_(True), Op.status == "succeeded")
+                select(Op.seq, Op.payload, Op.result)
+                .where(
+                    Op.run_id == run_id,
+                    Op.seq > start,
+                    Op.seq <= applied_seq,
+                    Op.mutates.is_(True),
+                    Op.status == "succeeded",
+                )
                 .order_by(Op.seq)
             ).all()
-        self.engine.create_run(run_id, base_model, lora)
-        for seq, payload in history:
+        for seq, payload, stored in history:
             try:
-                apply_mutation(self.engine, run_id, parse_op(payload), self.resolve_dir)
+                result = apply_mutation(self.engine, run_id, parse_op(payload), self.resolve_dir)
             except Exception:
                 log.exception("replay of %s seq %d failed; the run cannot be rebuilt", run_id, seq)
                 self.discard(run_id)
                 raise
-        if history:
-            log.info("rebuilt %s to seq %d by replaying %d ops", run_id, applied_seq, len(history))
+            if result is not None and stored is not None and result_bytes(result) != stored:  # type: ignore[arg-type]
+                self.divergences += 1
+                log.warning("replay of %s seq %d gave a different result than the one served", run_id, seq)
+        self.rebuilds += 1
+        self.replayed += len(history)
+        if history or start >= 0:
+            log.info("rebuilt %s to seq %d: snapshot at %d + %d ops replayed", run_id, applied_seq, start, len(history))
+        if self.writer is not None:
+            self.writer.restored(run_id, start)
         self._held[run_id] = (epoch, applied_seq)
         return True
+
+    def _restore_snapshot(self, run_id: str, candidates: list[tuple[int, str, str, int]]) -> int:
+        """Load the newest intact snapshot; return its seq, or -1 if the run starts from its seed."""
+        for seq, rel, digest, steps in candidates:
+            folder = self.snapshot_root / rel
+            problem = verify(folder, digest)
+            if problem is None:
+                try:
+                    self.engine.load_run(run_id, folder, True)
+                except Exception as exc:
+                    problem = f"cannot load: {exc}"
+                else:
+                    if self.engine.optimizer_steps(run_id) == steps:
+                        return seq
+                    problem = "optimizer step count does not match the registered one"
+            log.error("ALERT snapshot of %s at seq %d is unusable (%s); trying an older one", run_id, seq, problem)
+        return -1

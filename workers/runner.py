@@ -31,13 +31,12 @@ from app.queue import checkpoints, claim, commit, leases
 from app.queue.claim import ReadyOp
 from app.queue.commit import Fenced, Outcome
 from workers.execute import Engine, apply_mutation, write_checkpoint
+from workers.faults import fault
 from workers.recovery import RunStates
+from workers.snapshots import SnapshotWriter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# How often stale sample claims are swept back into the queue.
-_SAMPLE_SWEEP_SECONDS = 5.0
 
 
 class UserError(Exception):
@@ -62,8 +61,11 @@ class Runner:
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.user_errors: tuple[type[BaseException], ...] = (UserError, DomainError, *user_errors)
-        self.states = RunStates(db, engine, self._resolve_checkpoint_dir)
-        self._last_sample_sweep = 0.0
+        self.snapshots = SnapshotWriter(settings, db, engine, worker_id)
+        self.states = RunStates(settings, db, engine, self._resolve_checkpoint_dir, self.snapshots)
+        # Monotonic time of the last successful lease renewal (set by the heartbeat thread).
+        self.last_renewal = time.monotonic()
+        self.fenced_commits = 0
 
     # ---- loop ------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -109,7 +111,44 @@ class Runner:
                 )
 
     # ---- training ops ----------------------------------------------------------------------
+    def _lease_is_fresh(self) -> bool:
+        """Self-fencing: with no successful renewal for most of a TTL, others may already have
+        taken our runs; start nothing new (correctness still rests on the fenced commit)."""
+        return time.monotonic() - self.last_renewal < 0.8 * self.settings.lease_ttl_seconds
+
+    def _fail_poison(self, op: ReadyOp) -> None:
+        message = (
+            f"this {op.kind} was attempted {op.attempt} times and each attempt ended its worker; "
+            "it is failed so the run can go on (see docs/reliability.md)"
+        )
+        log.error("ALERT poison op %s (%s seq %d): %s", op.request_id, op.run_id, op.seq, message)
+        self.states.discard(op.run_id)
+        with self.db.write() as s:
+            if not claim.claim_run_op(s, self.worker_id, op):
+                return
+
+        def _write(s: DbSession) -> None:
+            commit.commit_run_op(
+                s,
+                worker_id=self.worker_id,
+                run_id=op.run_id,
+                seq=op.seq,
+                epoch=op.epoch,
+                request_id=op.request_id,
+                outcome=Outcome(error_message=message, error_category="server"),
+            )
+            if self.settings.poison_policy == "block":
+                commit.block_run(s, worker_id=self.worker_id, run_id=op.run_id, epoch=op.epoch, reason=message)
+
+        with contextlib.suppress(Fenced):
+            self._commit(_write)
+
     def _run_op(self, op: ReadyOp) -> None:
+        if not self._lease_is_fresh():
+            return
+        if op.status != "failed" and op.attempt >= self.settings.max_op_attempts:
+            self._fail_poison(op)
+            return
         if op.status == "failed":
             # Rejected at submission: its future is already terminal; just move the run past it.
             self._commit(
@@ -128,7 +167,10 @@ class Runner:
         steps_before = self.engine.optimizer_steps(op.run_id)
         extra: Callable[[DbSession], None] | None = None
         try:
+            fault(f"before_engine_{op.kind}")
             result, extra = self._execute(op, domain_op)
+            # Between computing a result and committing it: the window fencing exists for.
+            fault(f"after_engine_{op.kind}")
             outcome = Outcome(result=result_bytes(result))
         except self.user_errors as exc:
             log.info("op %s (%s seq %d) failed on user input: %s", op.request_id, op.run_id, op.seq, exc)
@@ -157,15 +199,19 @@ class Runner:
         try:
             self._commit(_write)
         except Fenced as exc:
-            log.warning("fenced out: %s; dropping the run's state", exc)
+            self.fenced_commits += 1
+            log.warning("FENCED commit rejected: %s; dropping the run's state", exc)
             self.states.discard(op.run_id)
             return
         except self.user_errors as exc:
             # Raised by `extra` (e.g. a checkpoint name taken meanwhile): record it as the outcome.
             outcome = Outcome(error_message=str(exc), error_category="user")
             self._commit(_write_without_extra(self, op, outcome))
+        fault(f"after_commit_{op.kind}")
         if self.engine.has_run(op.run_id):
             self.states.advance(op.run_id, op.epoch, op.seq)
+            if not outcome.failed:
+                self.snapshots.after_commit(op.run_id, op.epoch, op.seq, op.kind)
 
     def _execute(self, op: ReadyOp, domain_op: object) -> tuple[BaseModel, Callable[[DbSession], None] | None]:
         if isinstance(domain_op, SaveWeightsOp):
@@ -262,11 +308,7 @@ class Runner:
 
     # ---- sampling --------------------------------------------------------------------------
     def _sample_once(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_sample_sweep > _SAMPLE_SWEEP_SECONDS:
-            self._last_sample_sweep = now
-            with self.db.write() as s:
-                claim.requeue_expired_samples(s)
+        # Abandoned samples (a worker died mid-sample) are requeued by the sweeper.
         with self.db.write() as s:
             claimed = claim.claim_sample(s, self.worker_id, self.settings.lease_ttl_seconds)
         if claimed is None:

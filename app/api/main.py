@@ -22,6 +22,7 @@ from app.config import Settings
 from app.db.engine import Database
 from app.domain.errors import DomainError, PayloadTooLarge
 from app.doorbell import make_doorbell
+from app.sweeper import SweeperThread
 from app.wire.errors import error_body, http_status_for
 
 log = logging.getLogger("tuft.api")
@@ -133,9 +134,12 @@ def create_app(settings: Settings, *, db: Database | None = None) -> FastAPI:
         )
         app.state.tuft = state
         poller.start()
+        sweeper = SweeperThread(settings, database, state.doorbell)
+        sweeper.start()
         try:
             yield
         finally:
+            sweeper.stop()
             await poller.stop()
             state.doorbell.close()
             if db is None:

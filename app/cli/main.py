@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", help="key id (from `tuft keys list`) or the key's prefix")
     for p in (create, lst, revoke):
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    from app.cli.admin import add_parsers
+
+    add_parsers(sub, _add_common)
     return parser
 
 
@@ -129,6 +132,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from app.cli.keys import run_keys
 
         return run_keys(settings, args)
+    if args.command in ("runs", "ops", "workers", "snapshots"):
+        from app.cli.admin import run_admin
+
+        return run_admin(settings, args)
     return 2
 
 

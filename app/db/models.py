@@ -81,6 +81,8 @@ class Run(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # active | blocked | paused | cancelled
     status: Mapped[str] = mapped_column(String(16), default="active")
+    # Why the run is not active (a poison op, a failed rebuild, an operator's pause...).
+    status_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
     owner_worker: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
     # Fencing token: bumped on every (re)assignment; every worker write carries the epoch it holds.
     lease_epoch: Mapped[int] = mapped_column(Integer, default=0)
@@ -131,6 +133,8 @@ class Op(Base):
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # First time a client received the terminal result; retention counts from here.
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Sampler(Base):
@@ -183,3 +187,14 @@ class Snapshot(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class Singleton(Base):
+    """A named lease held by one process at a time (the sweeper), judged by the database clock:
+    the same mechanism on SQLite and PostgreSQL, unlike advisory locks."""
+
+    __tablename__ = "singletons"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[float] = mapped_column(Float)

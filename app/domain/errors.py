@@ -47,5 +47,9 @@ class SessionFinished(DomainError):
     """The session was finished; the SDK stops heartbeating on the 410 this maps to."""
 
 
+class ResultExpired(DomainError):
+    """The result was delivered and then dropped after the retention period."""
+
+
 class ServerError(DomainError):
     category: Category = "server"

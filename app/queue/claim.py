@@ -25,18 +25,19 @@ class ReadyOp:
     kind: str
     status: str  # queued | running (a stale claim) | failed (rejected at submission)
     payload: bytes
+    attempt: int  # claims so far; each one that did not commit ended with its worker
 
 
 def ready_run_ops(s: DbSession, worker_id: str) -> list[ReadyOp]:
     """The next op of every active run this worker owns, in one query."""
     rows = s.execute(
-        select(Op.request_id, Op.run_id, Op.seq, Run.lease_epoch, Op.kind, Op.status, Op.payload)
+        select(Op.request_id, Op.run_id, Op.seq, Run.lease_epoch, Op.kind, Op.status, Op.payload, Op.attempt)
         .join(Run, and_(Op.run_id == Run.run_id, Op.seq == Run.next_seq))
         .where(Run.owner_worker == worker_id, Run.status == "active", Op.status != "succeeded")
         .order_by(Run.last_request_at)
     ).all()
     # run_id and seq are never NULL here: the join is on them.
-    return [ReadyOp(r[0], r[1] or "", r[2] or 0, r[3], r[4], r[5], r[6]) for r in rows]
+    return [ReadyOp(r[0], r[1] or "", r[2] or 0, r[3], r[4], r[5], r[6], r[7]) for r in rows]
 
 
 def claim_run_op(s: DbSession, worker_id: str, op: ReadyOp) -> bool:

@@ -103,24 +103,14 @@ def commit_sample(s: DbSession, *, worker_id: str, request_id: str, outcome: Out
         raise Fenced(f"sample {request_id} is no longer claimed by {worker_id}")
 
 
-def block_run(s: DbSession, *, worker_id: str, run_id: str, epoch: int, reason: str) -> int:
-    """The run cannot continue (its state cannot be rebuilt): stop it and fail its waiting ops with
-    category `server` so no client waits forever. Returns how many ops were failed."""
+def block_run(s: DbSession, *, worker_id: str, run_id: str, epoch: int, reason: str) -> None:
+    """Stop the run where it is (its state cannot be rebuilt, or a poison op under
+    poison_policy=block). Its queued ops stay queued, and clients keep polling, until an operator
+    runs `tuft runs resume` (retry, skip or fail the op) or `tuft runs cancel`."""
     blocked = s.execute(
         update(Run)
         .where(Run.run_id == run_id, Run.owner_worker == worker_id, Run.lease_epoch == epoch)
-        .values(status="blocked")
+        .values(status="blocked", status_reason=reason[:500], owner_worker=None, lease_expires_at=None)
     )
     if blocked.rowcount != 1:  # type: ignore[attr-defined]
         raise Fenced(f"run {run_id}: lease epoch {epoch} is no longer current")
-    failed = s.execute(
-        update(Op)
-        .where(Op.run_id == run_id, Op.status.in_(("queued", "running")))
-        .values(
-            status="failed",
-            error_message=f"run is blocked: {reason}",
-            error_category="server",
-            finished_at=db_now(s),
-        )
-    )
-    return int(failed.rowcount)  # type: ignore[attr-defined]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session as DbSession
 
+from app.db.engine import db_now
 from app.db.models import Op
 from app.domain.errors import NotFound
 
@@ -22,13 +23,23 @@ class FutureView:
     result: bytes | None
     error_message: str | None
     error_category: str | None
+    delivered_at: float | None
 
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
 
 
-_COLUMNS = (Op.request_id, Op.tenant, Op.kind, Op.status, Op.result, Op.error_message, Op.error_category)
+_COLUMNS = (
+    Op.request_id,
+    Op.tenant,
+    Op.kind,
+    Op.status,
+    Op.result,
+    Op.error_message,
+    Op.error_category,
+    Op.delivered_at,
+)
 
 
 def get_future(s: DbSession, tenant: str, request_id: str) -> FutureView:
@@ -37,6 +48,11 @@ def get_future(s: DbSession, tenant: str, request_id: str) -> FutureView:
     if row is None or row.tenant != tenant:
         raise NotFound(f"future {request_id!r} not found")
     return FutureView(*row)
+
+
+def mark_delivered(s: DbSession, request_id: str) -> None:
+    """Retention of a result counts from its first delivery (docs/reliability.md)."""
+    s.execute(update(Op).where(Op.request_id == request_id, Op.delivered_at.is_(None)).values(delivered_at=db_now(s)))
 
 
 def finished_futures(s: DbSession, request_ids: list[str]) -> dict[str, FutureView]:

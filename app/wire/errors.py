@@ -20,6 +20,7 @@ from app.domain.errors import (
     MalformedRequest,
     NotFound,
     PayloadTooLarge,
+    ResultExpired,
     ServerError,
     SessionFinished,
     Unauthorized,
@@ -34,6 +35,7 @@ _STATUS: tuple[tuple[type[DomainError], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),  # the SDK retries 409 (§1.6); used for a seq_id reused with another body
     (SessionFinished, 410),  # stops the heartbeat loop (§2.5)
+    (ResultExpired, 410),  # "promise expired": a sample is re-submitted, a training future fails (§3.4)
     (PayloadTooLarge, 413),
     (ServerError, 500),
 )

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-26 11:49:32.874570
+Create Date: 2026-11-26 11:53:08.585192
 """
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_sessions_tenant"), ["tenant"], unique=False)
 
     op.create_table(
+        "singletons",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("holder", sa.String(length=200), nullable=False),
+        sa.Column("expires_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_singletons")),
+    )
+    op.create_table(
         "workers",
         sa.Column("worker_id", sa.String(length=100), nullable=False),
         sa.Column("host", sa.String(length=200), nullable=False),
@@ -72,6 +79,7 @@ def upgrade() -> None:
         sa.Column("lora_config", sa.JSON(), nullable=False),
         sa.Column("user_metadata", sa.JSON(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("status_reason", sa.String(length=500), nullable=True),
         sa.Column("owner_worker", sa.String(length=100), nullable=True),
         sa.Column("lease_epoch", sa.Integer(), nullable=False),
         sa.Column("lease_expires_at", sa.Float(), nullable=True),
@@ -154,6 +162,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("started_at", sa.Float(), nullable=True),
         sa.Column("finished_at", sa.Float(), nullable=True),
+        sa.Column("delivered_at", sa.Float(), nullable=True),
         sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name=op.f("fk_ops_run_id_runs")),
         sa.PrimaryKeyConstraint("request_id", name=op.f("pk_ops")),
         sa.UniqueConstraint("run_id", "seq", name=op.f("uq_ops_run_id")),
@@ -204,6 +213,7 @@ def downgrade() -> None:
 
     op.drop_table("runs")
     op.drop_table("workers")
+    op.drop_table("singletons")
     with op.batch_alter_table("sessions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_sessions_tenant"))
 

@@ -59,6 +59,17 @@ class _Run:
     steps: int = 0
 
 
+@dataclass(frozen=True)
+class RunExport:
+    """A run's training state, copied off the device (see TorchEngine.export_run)."""
+
+    base_model: str
+    lora: LoraConfig
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, torch.Tensor]
+    optimizer_steps: int
+
+
 @dataclass
 class _Slot:
     loaded: LoadedModel
@@ -234,6 +245,35 @@ class TorchEngine:
         for param in run.params.values():
             param.grad = None
         run.optimizer, run.steps = optimizer, steps
+
+    @_serialised
+    def export_run(self, run_id: str) -> RunExport:
+        """CPU copies of everything a recovery snapshot holds. This is the only part of a snapshot
+        that holds the engine; `write_export` can then run on another thread while ops go on."""
+        run = self._run(run_id)
+        return RunExport(
+            base_model=run.base_model,
+            lora=run.lora,
+            weights={key: p.detach().to("cpu", copy=True) for key, p in run.params.items()},
+            optimizer_state={
+                k: v.detach().to("cpu", copy=True)
+                for k, v in checkpoint.optimizer_tensors(run.optimizer, run.params).items()
+            },
+            optimizer_steps=run.steps,
+        )
+
+    @staticmethod
+    def write_export(export: RunExport, dest: Path) -> int:
+        """Write an export in the checkpoint format (load_run(..., with_optimizer=True) reads it)."""
+        return checkpoint.write_checkpoint(
+            Path(dest),
+            base_model=export.base_model,
+            lora=export.lora,
+            peft_config=peft_config_for(export.lora),
+            weights=export.weights,
+            optimizer_state=export.optimizer_state,
+            optimizer_steps=export.optimizer_steps,
+        )
 
     @staticmethod
     def read_checkpoint_config(src: Path) -> tuple[str, LoraConfig]:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, Tenant, body_as
-from app.domain.errors import Category, ServerError
+from app.domain.errors import Category, ResultExpired, ServerError
 from app.domain.results import parse_result
-from app.queue.futures import FutureView, get_future
+from app.queue.futures import FutureView, get_future, mark_delivered
+from app.wire.errors import error_body, http_status_for
 from app.wire.json_models import RetrieveFutureRequest
 from app.wire.responses import encode_result, failed_future_body, try_again_body
 
@@ -24,7 +29,13 @@ async def retrieve_future(request: Request, state: State, tenant: Tenant) -> Res
         with state.db.read() as s:
             return get_future(s, tenant, req.request_id)
 
-    view: FutureView | None = await run_in_threadpool(lookup)
+    try:
+        view: FutureView | None = await run_in_threadpool(lookup)
+    except DBAPIError:
+        # The database is down or restarting. The SDK re-polls a 5xx at once, with no backoff
+        # (tinker-protocol.md §3.4): hold the poll a little so an outage is not a hot loop.
+        await asyncio.sleep(1.0)
+        return JSONResponse(error_body(ServerError("the database is unavailable; retry")), status_code=503)
     assert view is not None
     if not view.done:
         view = await state.poller.wait(req.request_id, state.settings.long_poll_seconds)
@@ -32,8 +43,21 @@ async def retrieve_future(request: Request, state: State, tenant: Tenant) -> Res
         return JSONResponse(try_again_body(req.request_id))
     if view.status == "failed":
         category: Category = view.error_category if view.error_category in ("user", "server") else "unknown"  # type: ignore[assignment]
-        return JSONResponse(failed_future_body(view.error_message or "request failed", category))
-    if view.result is None:
-        raise ServerError(f"future {req.request_id} succeeded without a stored result")
-    body, media_type = encode_result(parse_result(view.result), request.headers.get("accept"))
-    return Response(body, media_type=media_type)
+        response: Response = JSONResponse(failed_future_body(view.error_message or "request failed", category))
+    elif view.result is None:
+        # Delivered long ago and dropped after the retention period: 410 is "promise expired".
+        expired = ResultExpired(f"the result of {req.request_id} has expired")
+        return JSONResponse(error_body(expired), status_code=http_status_for(expired))
+    else:
+        body, media_type = encode_result(parse_result(view.result), request.headers.get("accept"))
+        response = Response(body, media_type=media_type)
+
+    if view.delivered_at is None:
+
+        def delivered() -> None:
+            with state.db.write() as s:
+                mark_delivered(s, req.request_id)
+
+        with contextlib.suppress(DBAPIError):
+            await run_in_threadpool(delivered)
+    return response

@@ -52,8 +52,9 @@ def _submit_run_op(
         run = submit.get_run(s, tenant, model_id)
         op: BaseModel | None = None
         rejected: str | None = None
-        if run.status != "active":
-            rejected = f"training run {model_id} is {run.status}; it accepts no new operations"
+        if run.status == "cancelled":
+            # Paused and blocked runs still queue ops: an operator may resume them.
+            rejected = f"training run {model_id} was cancelled; it accepts no new operations"
         else:
             try:
                 op = build(s, run)

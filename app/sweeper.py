@@ -1,0 +1,60 @@
+"""Hosting the sweeper: a thread in every API process; the singleton lease makes one of them
+active at a time, and another takes over within a TTL if that process dies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+
+from app.config import Settings
+from app.db.engine import Database
+from app.doorbell import Doorbell
+from app.queue.sweeper import SweepReport, hold_singleton, sweep
+
+log = logging.getLogger("tuft.sweeper")
+
+
+class SweeperThread(threading.Thread):
+    def __init__(self, settings: Settings, db: Database, doorbell: Doorbell) -> None:
+        super().__init__(name="tuft-sweeper", daemon=True)
+        self.settings = settings
+        self.db = db
+        self.doorbell = doorbell
+        self.stop_event = threading.Event()
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.passes = 0
+
+    def run_once(self) -> SweepReport | None:
+        interval = self.settings.sweep_interval_seconds
+        with self.db.write() as s:
+            if not hold_singleton(s, "sweeper", self.holder, ttl=max(3 * interval, 5.0)):
+                return None
+        with self.db.write() as s:
+            report = sweep(
+                s, lease_ttl=self.settings.lease_ttl_seconds, result_retention=self.settings.result_retention_seconds
+            )
+        if report.wakeups:
+            self.doorbell.ring(report.wakeups)
+        if report.expired_leases or report.dead_workers or report.requeued_samples:
+            log.warning(
+                "sweeper: took back %d expired lease(s) %s, %d dead worker(s), %d abandoned sample(s)",
+                len(report.expired_leases),
+                report.expired_leases,
+                len(report.dead_workers),
+                report.requeued_samples,
+            )
+        self.passes += 1
+        return report
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.settings.sweep_interval_seconds):
+            try:
+                self.run_once()
+            except Exception as exc:
+                log.warning("sweeper pass failed: %s", exc)
+
+    def stop(self) -> None:
+        self.stop_event.set()
