@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import pytest
 
 from app.domain.models import builtin_tiny_spec
 from workers.engine import TorchEngine
+
+# TUFT_TEST_DEVICE=cuda runs the engine suite on a GPU (bench/README.md says how).
+DEVICE = os.environ.get("TUFT_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +23,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_engine(cache_dir: Path) -> Callable[[], TorchEngine]:
     def make() -> TorchEngine:
-        return TorchEngine([builtin_tiny_spec()], device="cpu", cache_dir=cache_dir)
+        return TorchEngine([builtin_tiny_spec()], device=DEVICE, cache_dir=cache_dir)
 
     return make
 
@@ -27,4 +31,4 @@ def make_engine(cache_dir: Path) -> Callable[[], TorchEngine]:
 @pytest.fixture(scope="module")
 def engine(cache_dir: Path) -> TorchEngine:
     """Shared by a module's tests: each test uses its own run ids."""
-    return TorchEngine([builtin_tiny_spec()], cache_dir=cache_dir)
+    return TorchEngine([builtin_tiny_spec()], device=DEVICE, cache_dir=cache_dir)
