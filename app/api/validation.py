@@ -6,13 +6,25 @@ from __future__ import annotations
 import math
 
 from app.domain.errors import InvalidInput
-from app.domain.ops import KNOWN_LOSSES, Datum, ForwardBackwardOp, SampleOp
+from app.domain.ops import (
+    LOSS_SPECS,
+    Datum,
+    ForwardBackwardOp,
+    SampleOp,
+    loss_input_names,
+    resolve_loss_config,
+    unexpected_inputs_message,
+)
 
 
 def _check_tokens(tokens: tuple[int, ...], vocab: int, what: str) -> None:
     bad = next((t for t in tokens if t < 0 or t >= vocab), None)
     if bad is not None:
         raise InvalidInput(f"{what}: token id {bad} is outside the vocabulary [0, {vocab})")
+
+
+# Float inputs checked whenever present, even by a loss that does not read them (cross_entropy).
+_FLOAT_INPUTS = ("weights", "advantages", "logprobs")
 
 
 def _check_datum(i: int, datum: Datum, loss_fn: str, vocab: int, max_len: int) -> None:
@@ -23,16 +35,22 @@ def _check_datum(i: int, datum: Datum, loss_fn: str, vocab: int, max_len: int) -
         raise InvalidInput(f"datum {i}: {n} tokens exceed the model's maximum length {max_len}")
     _check_tokens(datum.tokens, vocab, f"datum {i} model_input")
     inputs = datum.loss_fn_inputs
-    if loss_fn == "cross_entropy" and "target_tokens" not in inputs:
-        raise InvalidInput(f"datum {i}: cross_entropy needs loss_fn_inputs['target_tokens']")
-    targets = inputs.get("target_tokens")
-    if targets is not None:
-        if targets.dtype != "int64":
-            raise InvalidInput(f"datum {i}: target_tokens must be int64, got {targets.dtype}")
-        if targets.size != n:
-            raise InvalidInput(f"datum {i}: target_tokens has {targets.size} entries for {n} input tokens")
-        _check_tokens(tuple(int(t) for t in targets.tolist()), vocab, f"datum {i} target_tokens")
-    for name in ("weights", "advantages", "logprobs"):
+    spec = LOSS_SPECS[loss_fn]
+    missing = [name for name in ("target_tokens", *spec.required) if name not in inputs]
+    if missing:
+        names = ", ".join(f"loss_fn_inputs[{name!r}]" for name in missing)
+        raise InvalidInput(f"datum {i}: {loss_fn} needs {names}")
+    if spec.strict:
+        extra = sorted(set(inputs) - loss_input_names(loss_fn))
+        if extra:
+            raise InvalidInput(f"datum {i}: {unexpected_inputs_message(loss_fn, extra)}")
+    targets = inputs["target_tokens"]
+    if targets.dtype != "int64":
+        raise InvalidInput(f"datum {i}: target_tokens must be int64, got {targets.dtype}")
+    if targets.size != n:
+        raise InvalidInput(f"datum {i}: target_tokens has {targets.size} entries for {n} input tokens")
+    _check_tokens(tuple(int(t) for t in targets.tolist()), vocab, f"datum {i} target_tokens")
+    for name in (*_FLOAT_INPUTS, *(o for o in spec.optional if o not in _FLOAT_INPUTS)):
         arr = inputs.get(name)
         if arr is None:
             continue
@@ -40,13 +58,18 @@ def _check_datum(i: int, datum: Datum, loss_fn: str, vocab: int, max_len: int) -
             raise InvalidInput(f"datum {i}: {name} must be float32, got {arr.dtype}")
         if arr.size != n:
             raise InvalidInput(f"datum {i}: {name} has {arr.size} entries for {n} input tokens")
-        if not all(math.isfinite(v) for v in arr.tolist()):
+        values = arr.tolist()
+        if not all(math.isfinite(v) for v in values):
             raise InvalidInput(f"datum {i}: {name} contains NaN or infinity")
+        if name == "sequence_ratio_mask" and any(v not in (0.0, 1.0) for v in values):
+            raise InvalidInput(f"datum {i}: sequence_ratio_mask values must be 0 or 1")
 
 
 def check_forward_backward(op: ForwardBackwardOp, *, vocab: int, max_len: int, max_datums: int) -> None:
-    if op.loss_fn not in KNOWN_LOSSES:
-        raise InvalidInput(f"unknown loss function {op.loss_fn!r}; supported: {sorted(KNOWN_LOSSES)}")
+    try:
+        resolve_loss_config(op.loss_fn, op.loss_fn_config)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
     if not op.data:
         raise InvalidInput("forward_backward needs at least one datum")
     if len(op.data) > max_datums:

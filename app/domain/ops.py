@@ -8,6 +8,9 @@ retry of the same request compare equal; the worker replays ops from these bytes
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -20,7 +23,97 @@ OpKind = Literal["forward_backward", "optim_step", "save_weights", "load_weights
 # Recovery replays exactly these, in seq order, from their stored inputs.
 MUTATING_KINDS: frozenset[str] = frozenset({"forward_backward", "optim_step", "load_weights"})
 
-KNOWN_LOSSES: frozenset[str] = frozenset({"cross_entropy"})
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What a built-in loss reads (docs/losses.md has the formulas).
+
+    Every loss needs `target_tokens` (int64 [N]). `required` and `optional` name its float32 [N]
+    inputs; `config` maps each loss_fn_config key to its default. A `strict` loss rejects inputs it
+    does not read, so a `weights` sent to an RL loss is an error rather than silently ignored.
+    """
+
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    config: Mapping[str, float] = field(default_factory=dict)
+    strict: bool = True
+
+
+_RL_INPUTS = ("logprobs", "advantages")
+
+LOSS_SPECS: Mapping[str, LossSpec] = {
+    # Lenient for compatibility: other float inputs are checked if present, then ignored.
+    "cross_entropy": LossSpec(optional=("weights",), strict=False),
+    "importance_sampling": LossSpec(required=_RL_INPUTS),
+    "ppo": LossSpec(required=_RL_INPUTS, config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+    "cispo": LossSpec(required=_RL_INPUTS, config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
+    "dro": LossSpec(required=_RL_INPUTS, config={"beta": 0.01}),
+    # GSPO paper (arXiv 2507.18071) clip ranges 3e-4 / 4e-4 around 1.
+    "gspo": LossSpec(
+        required=_RL_INPUTS,
+        optional=("sequence_ratio_mask",),
+        config={"clip_low_threshold": 0.9997, "clip_high_threshold": 1.0004},
+    ),
+}
+KNOWN_LOSSES: frozenset[str] = frozenset(LOSS_SPECS)
+
+# SDK loss names this server refuses, with the reason it gives the user.
+UNSUPPORTED_LOSSES: Mapping[str, str] = {
+    "stable_reinforce": (
+        "its objective is not published and it needs sampler-side stability records "
+        "(record_stability_info) that this server does not keep"
+    ),
+    "custom": (
+        "server-side custom losses (ServiceClient.create_custom_loss) are not available; "
+        "forward_backward_custom with a Python callable runs the loss on the client instead"
+    ),
+}
+
+# Per-datum clip thresholds are in the SDK's key list; this server takes them only as loss_fn_config.
+_CONFIG_AS_INPUT = frozenset({"clip_low_threshold", "clip_high_threshold"})
+
+
+def loss_input_names(loss_fn: str) -> frozenset[str]:
+    spec = LOSS_SPECS[loss_fn]
+    return frozenset({"target_tokens", *spec.required, *spec.optional})
+
+
+def unexpected_inputs_message(loss_fn: str, extra: list[str]) -> str:
+    allowed = ", ".join(sorted(loss_input_names(loss_fn)))
+    message = f"{loss_fn} does not use loss_fn_inputs {extra} (it reads: {allowed})"
+    if _CONFIG_AS_INPUT.intersection(extra):
+        message += "; pass clip thresholds in loss_fn_config"
+    return message
+
+
+def resolve_loss_config(loss_fn: str, config: Mapping[str, float | str]) -> dict[str, float]:
+    """The loss's config with defaults filled in; ValueError naming what is wrong.
+
+    Shared by the API (submission-time checks) and the engine, so both accept exactly the same.
+    """
+    if loss_fn in UNSUPPORTED_LOSSES:
+        raise ValueError(f"loss function {loss_fn!r} is not supported by this server: {UNSUPPORTED_LOSSES[loss_fn]}")
+    if loss_fn not in LOSS_SPECS:
+        raise ValueError(f"unknown loss function {loss_fn!r}; supported: {sorted(KNOWN_LOSSES)}")
+    defaults = LOSS_SPECS[loss_fn].config
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        accepted = ", ".join(f"{k} (default {v:g})" for k, v in defaults.items()) or "none"
+        raise ValueError(f"loss_fn_config keys {unknown} are not used by {loss_fn}; it accepts: {accepted}")
+    resolved = dict(defaults)
+    for key, value in config.items():
+        if isinstance(value, str | bool) or not math.isfinite(value):
+            raise ValueError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
+        resolved[key] = float(value)
+    if "clip_low_threshold" in resolved:
+        low, high = resolved["clip_low_threshold"], resolved["clip_high_threshold"]
+        if not 0.0 <= low <= high:
+            raise ValueError(
+                f"{loss_fn} needs 0 <= clip_low_threshold <= clip_high_threshold, got {low:g} and {high:g}"
+            )
+    if resolved.get("beta", 0.0) < 0:
+        raise ValueError(f"{loss_fn} needs beta >= 0, got {resolved['beta']:g}")
+    return resolved
 
 
 class _Frozen(BaseModel):

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import httpx
 
-TUFT = [sys.executable, "-m", "app.cli.main"]
+# The server may run in another virtual environment than the tests: the SDK matrix runs these
+# tests under each supported tinker version against the one server build (Makefile: test-sdk).
+TUFT = [os.environ.get("TUFT_SERVER_PYTHON", sys.executable), "-m", "app.cli.main"]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -152,7 +152,7 @@ def test_bad_input_is_rejected_before_any_state_changes(engine: TorchEngine, cas
 def test_unknown_loss_and_empty_batch(engine: TorchEngine) -> None:
     engine.create_run("bad:loss", TINY, lora())
     with pytest.raises(OpInputError, match="unknown loss"):
-        engine.forward_backward("bad:loss", fb(GOOD, loss_fn="ppo"))
+        engine.forward_backward("bad:loss", fb(GOOD, loss_fn="bogus_loss"))
     with pytest.raises(OpInputError):
         engine.forward_backward("bad:loss", fb())
     assert all(g is None for g in engine.adapter_grads("bad:loss").values())

@@ -27,7 +27,7 @@ from workers.engine.adapters import AdapterHost, adapter_name_for, peft_config_f
 from workers.engine.base_models import LoadedModel, config_vocab_size, load_base_model, resolve_dtype
 from workers.engine.determinism import configure_determinism
 from workers.engine.errors import OpInputError, translate_device_errors
-from workers.engine.losses import prepare_data, run_cross_entropy
+from workers.engine.losses import prepare_data, run_loss
 from workers.engine.optim import adam_step, new_optimizer, validate_adam
 from workers.engine.sampling import resolve_max_tokens, sample
 
@@ -173,13 +173,13 @@ class TorchEngine:
 
     @_serialised
     def forward_backward(self, run_id: str, op: ForwardBackwardOp) -> ForwardBackwardResult:
-        """Per-token logprobs of every datum and the summed weighted NLL; unless forward_only,
-        gradients are *added* to the run's .grad (accumulated until optim_step)."""
+        """Per-token logprobs of every datum and the op's loss (docs/losses.md), summed over tokens;
+        unless forward_only, gradients are *added* to the run's .grad (accumulated until optim_step)."""
         run = self._run(run_id)
         slot = self._slot(run.base_model)
         data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
         slot.host.activate(run.adapter, trainable=True)
-        return run_cross_entropy(slot.loaded.model, data, op.forward_only)
+        return run_loss(slot.loaded.model, data, op.forward_only)
 
     @_serialised
     def optim_step(self, run_id: str, op: OptimStepOp) -> OptimStepResult:
