@@ -205,8 +205,9 @@ class Runner:
             return
         except self.user_errors as exc:
             # Raised by `extra` (e.g. a checkpoint name taken meanwhile): record it as the outcome.
-            outcome = Outcome(error_message=str(exc), error_category="user")
-            self._commit(_write_without_extra(self, op, outcome))
+            # `_write` reads both names when called, so it now commits the failure alone.
+            outcome, extra = Outcome(error_message=str(exc), error_category="user"), None
+            self._commit(_write)
         fault(f"after_commit_{op.kind}")
         if self.engine.has_run(op.run_id):
             self.states.advance(op.run_id, op.epoch, op.seq)
@@ -354,18 +355,3 @@ class Runner:
                 log.warning("commit failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-
-def _write_without_extra(runner: Runner, op: ReadyOp, outcome: Outcome) -> Callable[[DbSession], None]:
-    def _write(s: DbSession) -> None:
-        commit.commit_run_op(
-            s,
-            worker_id=runner.worker_id,
-            run_id=op.run_id,
-            seq=op.seq,
-            epoch=op.epoch,
-            request_id=op.request_id,
-            outcome=outcome,
-        )
-
-    return _write

@@ -148,14 +148,12 @@ def test_takeover_rebuilds_bitwise_from_snapshot_and_replay(migrated: str, tmp_p
         assert run is not None and run.optimizer_steps == 6 and run.lease_epoch == 3  # A: 1, sweeper: 2, B: 3
 
     # A's late commit attempt is fenced: A still believes it holds epoch 1.
-    from app.queue.claim import ReadyOp
     from app.queue.commit import Fenced, Outcome, commit_run_op
 
     with pytest.raises(Fenced), db.write() as s:
         commit_run_op(
             s, worker_id="a", run_id=run_id, seq=12, epoch=1, request_id=ids[-1], outcome=Outcome(result=b"x")
         )
-    assert ReadyOp  # imported for the type only
     db.dispose()
 
 
