@@ -7,7 +7,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.tuft-installed
 
-.PHONY: install run test lint services clean
+# The SDK matrix: the e2e suite also runs under the oldest supported SDK, in its own venv, against
+# the same server build (the server runs from $(VENV); TUFT_SERVER_PYTHON tells the tests).
+SDK_OLD ?= 0.25.0
+VENV_OLD ?= .venv-tinker$(subst .,,$(SDK_OLD))
+STAMP_OLD := $(VENV_OLD)/.tuft-installed
+
+.PHONY: install run test test-sdk-old lint services clean
 
 install: $(STAMP)
 
@@ -18,6 +24,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+$(STAMP_OLD): pyproject.toml
+	test -x $(VENV_OLD)/bin/python || $(PYTHON) -m venv $(VENV_OLD)
+	$(VENV_OLD)/bin/python -m pip install -q --upgrade pip
+	$(VENV_OLD)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV_OLD)/bin/python -m pip install -q "tinker==$(SDK_OLD)" pytest pytest-timeout \
+		"sqlalchemy>=2.0.30" "alembic>=1.16" "psycopg[binary]>=3.2" pyyaml
+	$(VENV_OLD)/bin/python -m pip install -q --no-deps -e .
+	touch $(STAMP_OLD)
+
 run: install
 	$(VENV)/bin/tuft launch $(ARGS)
 
@@ -26,6 +41,11 @@ services:
 
 test: install services lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-sdk-old
+
+test-sdk-old: install $(STAMP_OLD) services
+	TUFT_SERVER_PYTHON=$(abspath $(PY)) $(VENV_OLD)/bin/python -m pytest -m "e2e and not chaos" tests/e2e \
+		-p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check app workers tests migrations examples
@@ -36,4 +56,4 @@ lint: install
 	@! grep -rnE '^\s*(from|import)\s+(sqlalchemy|celery|fastapi|app\.(db|queue|wire|api))\b' workers/engine
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_OLD) .pytest_cache .mypy_cache .ruff_cache

@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.run_forever()
     finally:
         _stop()
+        heartbeat.join(timeout=10)  # no renewal may land after the release below
         runner.snapshots.close()
         try:
             with db.write() as s:

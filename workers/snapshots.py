@@ -108,6 +108,7 @@ class SnapshotWriter:
                 )
             for path in dropped:
                 shutil.rmtree(self.root / path, ignore_errors=True)
+            self._remove_unregistered(run_id, final.parent)
             log.info("snapshot of %s at seq %d written (%d bytes)", run_id, seq, size)
         except Fenced as exc:
             log.warning("snapshot discarded: %s", exc)
@@ -121,6 +122,17 @@ class SnapshotWriter:
             self.failures += 1
             log.exception("ALERT snapshot of %s at seq %d failed", run_id, seq)
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _remove_unregistered(self, run_id: str, folder: Path) -> None:
+        """Folders a crash left behind (written but never registered, or half-written `.tmp`) are
+        garbage: only registered snapshots count. Called by the run's current owner after it
+        registered one, so nothing it still needs is in flight."""
+        with self.db.read() as s:
+            keep = {Path(row.storage_path).name for row in snapshots.for_run(s, run_id)}
+        for entry in folder.iterdir():
+            if entry.name not in keep:
+                log.info("removing unregistered snapshot files %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

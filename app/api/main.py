@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -105,6 +107,16 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
         )
 
+    @app.exception_handler(DBAPIError)
+    async def _database_down(request: Request, exc: DBAPIError) -> JSONResponse:
+        # The database is restarting or unreachable: a 503 the SDK retries, not a 500 with a trace.
+        log.warning(
+            "%s %s -> 503: database unavailable (%s)", request.method, request.url.path, type(exc.orig).__name__
+        )
+        message = "the database is unavailable; retry"
+        body = {"error": "service_unavailable", "message": message, "category": "server", "detail": message}
+        return JSONResponse(body, status_code=503)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -115,7 +127,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
-def create_app(settings: Settings, *, db: Database | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, db: Database | None = None, on_shutdown: Callable[[], None] | None = None
+) -> FastAPI:
+    """`on_shutdown` runs when the server stops, before uvicorn re-raises a SIGTERM: `tuft launch`
+    stops its worker there (code after uvicorn.run() would never run on a signal)."""
     database = db or Database(settings.resolved_database_url(), process_name="api")
 
     @asynccontextmanager
@@ -141,6 +157,8 @@ def create_app(settings: Settings, *, db: Database | None = None) -> FastAPI:
         finally:
             sweeper.stop()
             await poller.stop()
+            if on_shutdown is not None:
+                await asyncio.to_thread(on_shutdown)
             state.doorbell.close()
             if db is None:
                 database.dispose()

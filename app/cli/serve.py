@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from app.config import Settings, settings_env
 from app.db import migrate
@@ -20,14 +21,14 @@ def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _uvicorn(settings: Settings) -> None:
+def _uvicorn(settings: Settings, on_shutdown: Callable[[], None] | None = None) -> None:
     import uvicorn
 
     from app.api.main import create_app
 
     # The SDK keeps connections alive between polls; keep them longer than its poll gap.
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, on_shutdown=on_shutdown),
         host=settings.host,
         port=settings.port,
         log_level="info",
@@ -51,6 +52,16 @@ def serve_api(settings: Settings, *, run_migrations: bool = False) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """In the worker child, before exec: SIGTERM it when `tuft launch` dies, even by kill -9, so
+    an orphaned worker never keeps a GPU's memory while a restarted launch starts another."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class WorkerSupervisor(threading.Thread):
     """Keeps `launch`'s worker process alive: a crashed worker is restarted (its runs are rebuilt
     from the database by the new process), with a backoff so a broken setup does not spin."""
@@ -63,7 +74,7 @@ class WorkerSupervisor(threading.Thread):
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, **settings_env(self.settings)}
-        return subprocess.Popen([sys.executable, "-m", "workers"], env=env)
+        return subprocess.Popen([sys.executable, "-m", "workers"], env=env, preexec_fn=_die_with_parent)
 
     def run(self) -> None:
         backoff = 1.0
@@ -108,7 +119,7 @@ def launch(settings: Settings) -> int:
     supervisor = WorkerSupervisor(settings)
     supervisor.start()
     try:
-        _uvicorn(settings)
+        _uvicorn(settings, on_shutdown=supervisor.shutdown)
     finally:
         supervisor.shutdown()
     return 0

@@ -44,7 +44,8 @@ def heartbeat(s: DbSession, worker_id: str, ttl: float) -> list[Lease]:
     A run missing from the answer was taken over: the caller must drop its state for it.
     """
     now = db_now(s)
-    s.execute(update(Worker).where(Worker.worker_id == worker_id).values(heartbeat_at=now))
+    # A worker the sweeper declared dead (a long pause) is live again once it beats.
+    s.execute(update(Worker).where(Worker.worker_id == worker_id).values(heartbeat_at=now, stopped_at=None))
     s.execute(update(Run).where(Run.owner_worker == worker_id).values(lease_expires_at=now + ttl))
     rows = s.execute(select(Run.run_id, Run.lease_epoch).where(Run.owner_worker == worker_id)).all()
     return [Lease(r.run_id, r.lease_epoch) for r in rows]

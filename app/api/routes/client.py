@@ -43,5 +43,5 @@ async def healthz(state: State) -> dict[str, str]:
         with state.db.read() as s:
             s.execute(text("SELECT 1"))
 
-    await run_in_threadpool(_ping)
+    await run_in_threadpool(_ping)  # a database outage becomes a 503 (api/main.py)
     return {"status": "ok"}
