@@ -63,7 +63,21 @@ def _wait_for_schema(settings: Settings, db: object, register: object) -> None:
             time.sleep(1.0)
 
 
+def _die_with_parent() -> None:
+    """Started by `tuft launch`: get SIGTERM when it dies, and stop now if it already has."""
+    parent = os.environ.get("TUFT_DIE_WITH_PARENT")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

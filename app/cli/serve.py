@@ -52,16 +52,6 @@ def serve_api(settings: Settings, *, run_migrations: bool = False) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """In the worker child, before exec: SIGTERM it when `tuft launch` dies, even by kill -9, so
-    an orphaned worker never keeps a GPU's memory while a restarted launch starts another."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 class WorkerSupervisor(threading.Thread):
     """Keeps `launch`'s worker process alive: a crashed worker is restarted (its runs are rebuilt
     from the database by the new process), with a backoff so a broken setup does not spin."""
@@ -73,8 +63,11 @@ class WorkerSupervisor(threading.Thread):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **settings_env(self.settings)}
-        return subprocess.Popen([sys.executable, "-m", "workers"], env=env, preexec_fn=_die_with_parent)
+        # The worker arranges to be signalled if this process dies, even by kill -9 (an orphaned
+        # worker would keep a GPU's memory while a restarted launch starts another). It does so
+        # itself: a preexec_fn is unsafe in this multi-threaded process (the child can deadlock).
+        env = {**os.environ, **settings_env(self.settings), "TUFT_DIE_WITH_PARENT": str(os.getpid())}
+        return subprocess.Popen([sys.executable, "-m", "workers"], env=env)
 
     def run(self) -> None:
         backoff = 1.0
