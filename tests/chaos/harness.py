@@ -477,8 +477,8 @@ class Cluster:
 
     def kill_api(self) -> None:
         """kill -9 the API process. Embedded: that is `tuft launch` (API + sweeper + supervisor);
-        its worker child is orphaned and keeps running (nothing tells it its parent died); close()
-        finds it by its environment and ends it."""
+        its worker child gets SIGTERM from the kernel (parent-death signal) and stops; close()
+        still finds any process of the cluster by its environment and ends it."""
         assert self.api is not None
         self.kill(self.api.pid)
         self.api.popen.wait(timeout=30)
