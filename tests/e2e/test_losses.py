@@ -114,9 +114,11 @@ def test_forward_backward_custom_runs_two_passes_and_trains(embedded_server: Liv
     for _ in range(8):
         result = training.forward_backward_custom([datum], weighted_nll).result(timeout=120)
         training.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=60)
-        assert {"loss:sum", "surrogate_loss:sum", "custom_tokens:sum"} <= set(result.metrics)
+        assert {"loss:sum", "custom_tokens:sum"} <= set(result.metrics)
         # The backward pass is cross_entropy with weights -dC/dlogp = `weights`: the same sum.
-        assert result.metrics["surrogate_loss:sum"] == pytest.approx(result.metrics["loss:sum"], rel=1e-4)
+        # SDK 0.38 moves the server's loss to surrogate_loss:sum; 0.25 reports it as loss:sum.
+        if "surrogate_loss:sum" in result.metrics:
+            assert result.metrics["surrogate_loss:sum"] == pytest.approx(result.metrics["loss:sum"], rel=1e-4)
         assert result.metrics["custom_tokens:sum"] == float(weights.sum())
         losses.append(result.metrics["loss:sum"])
     assert losses[-1] < 0.5 * losses[0], losses
