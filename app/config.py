@@ -89,9 +89,22 @@ class Settings(BaseModel):
     max_decompressed_bytes: int = 256 * 1024 * 1024
     max_datums_per_request: int = 4096
     max_samples_per_request: int = 64
+    # Backpressure (docs/sampling.md): while this many sample ops are queued or running, asample
+    # answers 429 and the SDK backs off and re-submits. Deployment-wide, and per tenant; 0 is off.
+    max_queued_samples: int = Field(256, ge=0)
+    max_queued_samples_per_tenant: int = Field(0, ge=0)
 
     # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
     worker_device: str = "auto"
+
+    # Checkpoint downloads (docs/downloads.md): signed, time-limited links served without the API
+    # key. Every API process must sign with the same key; unset, one is generated once and kept in
+    # <checkpoint_dir>/.download-signing-key, which they all see anyway.
+    download_signing_key: str | None = None
+    download_link_ttl_seconds: int = 900
+    # Base of the absolute download links (e.g. https://tuft.example.com behind a proxy); unset,
+    # links use the base URL of the request that asked for them.
+    public_base_url: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -139,6 +152,7 @@ _ENV_FIELDS = {
     "TUFT_REDIS_URL": "redis_url",
     "TUFT_HOST": "host",
     "TUFT_PORT": "port",
+    "TUFT_DOWNLOAD_SIGNING_KEY": "download_signing_key",
 }
 
 
@@ -183,6 +197,12 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"API key {key[:8]}... must start with 'tml-'")
     if settings.long_poll_seconds >= 40:
         raise ConfigError("long_poll_seconds must stay below the SDK's 45 s read timeout")
+    if settings.download_signing_key is not None and len(settings.download_signing_key) < 32:
+        raise ConfigError("download_signing_key must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+    if settings.download_link_ttl_seconds < 1:
+        raise ConfigError("download_link_ttl_seconds must be at least 1")
+    if settings.public_base_url is not None and not settings.public_base_url.startswith(("http://", "https://")):
+        raise ConfigError("public_base_url must be an absolute http:// or https:// URL")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

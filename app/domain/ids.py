@@ -13,11 +13,17 @@ from typing import Literal
 
 from app.domain.errors import InvalidInput
 
-CheckpointKind = Literal["training", "sampler"]
+CheckpointKind = Literal["training", "sampler", "external"]
 
 # tinker://<run>/<path segment>/<name>; the segment names are the SDK's (types/checkpoint.py).
-_SEGMENT_FOR_KIND: dict[str, str] = {"training": "weights", "sampler": "sampler_weights"}
-_KIND_FOR_SEGMENT: dict[str, CheckpointKind] = {"weights": "training", "sampler_weights": "sampler"}
+# "external" (save_weights_external) exists only in SDK 0.38 (tinker-protocol.md §8, §11 row 13).
+SEGMENT_FOR_KIND: dict[str, str] = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
+_KIND_FOR_SEGMENT: dict[str, CheckpointKind] = {
+    "weights": "training",
+    "sampler_weights": "sampler",
+    "external_weights": "external",
+}
+_EXPECTED_IDS = "weights/<name>, sampler_weights/<name> or external_weights/<name>"
 
 # Checkpoint names become directory names: one path component of safe characters, never "." or "..".
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -56,10 +62,15 @@ class TinkerPath:
 
     @property
     def checkpoint_id(self) -> str:
-        return f"{_SEGMENT_FOR_KIND[self.kind]}/{self.name}"
+        return checkpoint_id(self.kind, self.name)
 
     def __str__(self) -> str:
         return f"tinker://{self.run_id}/{self.checkpoint_id}"
+
+
+def checkpoint_id(kind: CheckpointKind, name: str) -> str:
+    """(kind, name) -> the SDK's checkpoint id, e.g. `weights/<name>`."""
+    return f"{SEGMENT_FOR_KIND[kind]}/{name}"
 
 
 def checkpoint_path(run_id: str, kind: CheckpointKind, name: str) -> str:
@@ -67,12 +78,10 @@ def checkpoint_path(run_id: str, kind: CheckpointKind, name: str) -> str:
 
 
 def parse_checkpoint_id(checkpoint_id: str) -> tuple[CheckpointKind, str]:
-    """`weights/<name>` or `sampler_weights/<name>` -> (kind, name)."""
+    """`weights/<name>`, `sampler_weights/<name>` or `external_weights/<name>` -> (kind, name)."""
     segment, _, name = checkpoint_id.partition("/")
     if segment not in _KIND_FOR_SEGMENT or not name:
-        raise InvalidInput(
-            f"invalid checkpoint id {checkpoint_id!r}: expected weights/<name> or sampler_weights/<name>"
-        )
+        raise InvalidInput(f"invalid checkpoint id {checkpoint_id!r}: expected {_EXPECTED_IDS}")
     return _KIND_FOR_SEGMENT[segment], validate_checkpoint_name(name)
 
 

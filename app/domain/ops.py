@@ -158,14 +158,15 @@ class OptimStepOp(_Frozen):
 
 
 class SaveWeightsOp(_Frozen):
-    """save_state (checkpoint_kind=training) or save_weights_for_sampler (sampler).
+    """save_state (checkpoint_kind=training), save_weights_for_sampler (sampler) or
+    save_weights_external (external: the sampler's PEFT adapter, kept for download).
 
     `name` is None for the ephemeral sampler save behind save_weights_and_get_sampling_client; then
     `sampling_session_seq_id` names the sampler that the result creates.
     """
 
     kind: Literal["save_weights"] = "save_weights"
-    checkpoint_kind: Literal["training", "sampler"]
+    checkpoint_kind: Literal["training", "sampler", "external"]
     name: str | None
     sampling_session_seq_id: int | None = None
     ttl_seconds: int | None = None

@@ -32,7 +32,7 @@ class OptimStepResult(_Frozen):
 
 class SaveWeightsResult(_Frozen):
     kind: Literal["save_weights"] = "save_weights"
-    checkpoint_kind: Literal["training", "sampler"]
+    checkpoint_kind: Literal["training", "sampler", "external"]
     path: str | None = None
     sampling_session_id: str | None = None
     size_bytes: int | None = None

@@ -168,6 +168,7 @@ class SaveWeightsExternalRequest(WireModel):
     path: str | None = None
     seq_id: int | None = Field(None, le=2**31 - 1)
     ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = None  # refused: encryption is not supported
 
 
 class LoadWeightsRequest(WireModel):

@@ -48,6 +48,11 @@ def _save_weights_json(result: SaveWeightsResult) -> dict[str, Any]:
         if result.path is None:
             raise ServerError("save_weights finished without a checkpoint path")
         return {"path": result.path, "type": "save_weights"}
+    if result.checkpoint_kind == "external":
+        # SaveWeightsExternalResponseInternal (0.38): the SDK asserts `path`.
+        if result.path is None:
+            raise ServerError("save_weights_external finished without a checkpoint path")
+        return {"path": result.path, "size_bytes": result.size_bytes, "type": "save_weights_external"}
     # SaveWeightsForSamplerResponseInternal: the SDK asserts `path` for a named save and
     # `sampling_session_id` for save_weights_and_get_sampling_client.
     if result.path is None and result.sampling_session_id is None:

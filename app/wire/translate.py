@@ -29,6 +29,7 @@ from app.wire.json_models import (
     OptimizerConfigModel,
     OptimStepRequest,
     SampleRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
 )
@@ -151,6 +152,23 @@ def save_weights_for_sampler_to_op(req: SaveWeightsForSamplerRequest) -> SaveWei
         sampling_session_seq_id=req.sampling_session_seq_id,
         ttl_seconds=_ttl(req.ttl_seconds),
         user_metadata=_sorted(req.user_metadata),
+    )
+
+
+def save_weights_external_to_op(req: SaveWeightsExternalRequest) -> SaveWeightsOp:
+    """0.38's save_weights_external: the sampler's PEFT adapter, stored as an `external_weights`
+    checkpoint whose files are downloaded through signed links (docs/downloads.md)."""
+    if not req.path:
+        raise InvalidInput("path (the external weights name) is required")
+    if req.age_encryption_recipients:
+        raise InvalidInput(
+            "age_encryption_recipients is not supported by this server: external weights are stored "
+            "unencrypted (omit it, and download over a trusted connection)"
+        )
+    return SaveWeightsOp(
+        checkpoint_kind="external",
+        name=validate_checkpoint_name(req.path),
+        ttl_seconds=_ttl(req.ttl_seconds),
     )
 
 
@@ -279,6 +297,7 @@ __all__ = [
     "require_seq_id",
     "result_to_json",
     "sample_to_op",
+    "save_weights_external_to_op",
     "save_weights_for_sampler_to_op",
     "save_weights_to_op",
     "try_again_body",

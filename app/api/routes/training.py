@@ -34,6 +34,7 @@ from app.wire.json_models import (
     GetInfoRequest,
     LoadWeightsRequest,
     OptimStepRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
     WeightsInfoRequest,
@@ -201,6 +202,18 @@ async def save_weights_for_sampler(request: Request, state: State, tenant: Tenan
         SaveWeightsForSamplerRequest,
         "save_weights",
         translate.save_weights_for_sampler_to_op,
+    )
+
+
+@router.post("/api/v1/save_weights_external")
+async def save_weights_external(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    return await _json_run_op(
+        request,
+        state,
+        tenant,
+        SaveWeightsExternalRequest,
+        "save_weights",
+        translate.save_weights_external_to_op,
     )
 
 
