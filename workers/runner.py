@@ -25,6 +25,7 @@ from app.db.engine import Database
 from app.db.models import Run, Sampler
 from app.domain import ids
 from app.domain.errors import DomainError
+from app.domain.oai import OaiCompletionOp
 from app.domain.ops import LoadWeightsOp, SampleOp, SaveWeightsOp, parse_op
 from app.domain.results import LoadWeightsResult, SaveWeightsResult, result_bytes
 from app.queue import checkpoints, claim, commit, leases
@@ -316,14 +317,18 @@ class Runner:
             return False
         try:
             op = parse_op(claimed.payload)
-            assert isinstance(op, SampleOp)
-            with self.db.read() as s:
-                sampler = s.get(Sampler, claimed.sampler_id)
-                if sampler is None:
-                    raise UserError(f"sampler {claimed.sampler_id} not found")
-                base_model, model_path = sampler.base_model, sampler.model_path
-            adapter = self._resolve_checkpoint_dir(model_path) if model_path else None
-            result = self.engine.sample(base_model, adapter, op)
+            result: BaseModel
+            if isinstance(op, OaiCompletionOp):
+                result = self._complete_text(op)
+            else:
+                assert isinstance(op, SampleOp)
+                with self.db.read() as s:
+                    sampler = s.get(Sampler, claimed.sampler_id)
+                    if sampler is None:
+                        raise UserError(f"sampler {claimed.sampler_id} not found")
+                    base_model, model_path = sampler.base_model, sampler.model_path
+                adapter = self._resolve_checkpoint_dir(model_path) if model_path else None
+                result = self.engine.sample(base_model, adapter, op)
             outcome = Outcome(result=result_bytes(result))
         except self.user_errors as exc:
             outcome = Outcome(error_message=str(exc), error_category="user")
@@ -339,6 +344,16 @@ class Runner:
         except Fenced as exc:
             log.warning("sample result discarded: %s", exc)
         return True
+
+    def _complete_text(self, op: OaiCompletionOp) -> BaseModel:
+        """An OpenAI-compatible completion (app/domain/oai.py): it carries its own model."""
+        # Imported on first use: it brings in transformers, and the runner otherwise needs only
+        # the Engine protocol.
+        from workers.engine.text import complete_text
+
+        adapter = self._resolve_checkpoint_dir(op.model_path) if op.model_path else None
+        cache_dir = self.settings.resolved_data_dir() / "cache"
+        return complete_text(self.engine, self.settings.models(), cache_dir, adapter, op)
 
     # ---- commits ---------------------------------------------------------------------------
     def _commit(self, write: Callable[[DbSession], T]) -> T:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from app.domain.oai import OaiCompletionOp
 from app.domain.tensors import Array
 
 OpKind = Literal["forward_backward", "optim_step", "save_weights", "load_weights", "sample"]
@@ -202,7 +203,8 @@ class SampleOp(_Frozen):
 
 
 Op = Annotated[
-    ForwardBackwardOp | OptimStepOp | SaveWeightsOp | LoadWeightsOp | SampleOp,
+    # OaiCompletionOp is stored as a sample op (app/domain/oai.py).
+    ForwardBackwardOp | OptimStepOp | SaveWeightsOp | LoadWeightsOp | SampleOp | OaiCompletionOp,
     Field(discriminator="kind"),
 ]
 _OP_ADAPTER: TypeAdapter[Op] = TypeAdapter(Op)
