@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from app.domain.oai import OaiCompletionOp
+from app.domain.sampling import PromptGrid
 from app.domain.tensors import Array
 
 OpKind = Literal["forward_backward", "optim_step", "save_weights", "load_weights", "sample"]
@@ -200,6 +201,12 @@ class SampleOp(_Frozen):
     params: SamplingParams = SamplingParams()
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # SDK 0.38 extras (docs/sampling.md). last_n limits prompt_logprobs and topk_prompt_logprobs
+    # to the last N positions; target_prompt_logprobs holds int64 token ids, -1 asking for nothing.
+    topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None
+    target_prompt_logprobs: PromptGrid | None = None
+    prompt_alt_tokens_k: int = 0
 
 
 Op = Annotated[

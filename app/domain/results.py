@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from app.domain.sampling import PromptGrid
 from app.domain.tensors import Array
 
 
@@ -44,19 +45,33 @@ class LoadWeightsResult(_Frozen):
     model_id: str
 
 
+class TokenTable(_Frozen):
+    """[n, k] token ids (int64) and their logprobs (float32), row by row."""
+
+    token_ids: Array
+    logprobs: Array
+
+
 class SampledSequence(_Frozen):
     tokens: tuple[int, ...]
     logprobs: tuple[float, ...] | None
     stop_reason: Literal["stop", "length"]
+    # topk_sample_logprobs: one row per sampled token, best first.
+    topk_logprobs: TokenTable | None = None
 
 
 class SampleResult(_Frozen):
     kind: Literal["sample"] = "sample"
     sequences: tuple[SampledSequence, ...]
-    # One entry per prompt token; None where no logprob exists (position 0).
+    # One entry per prompt token; None where none was computed (position 0, and every position
+    # before the last prompt_logprobs_last_n).
     prompt_logprobs: tuple[float | None, ...] | None = None
-    # Per prompt position: (token_id, logprob) pairs, best first; None at position 0.
+    # Per prompt position: (token_id, logprob) pairs, best first; None where prompt_logprobs is.
     topk_prompt_logprobs: tuple[tuple[tuple[int, float], ...] | None, ...] | None = None
+    # float32 logprobs in the layout of the request's target ids; 0.0 where the id was -1.
+    target_prompt_logprobs: PromptGrid | None = None
+    # prompt_alt_tokens_k draws: [len(prompt) - 1, k], row i for prompt position i + 1.
+    prompt_alt_tokens: TokenTable | None = None
 
 
 Result = Annotated[

@@ -7,27 +7,25 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
 
 from app.domain.errors import InvalidInput, MalformedRequest, ServerError
 from app.domain.ops import Datum, ForwardBackwardOp
-from app.domain.results import ForwardBackwardResult, SampleResult
+from app.domain.results import ForwardBackwardResult
 from app.domain.tensors import Array
 from app.wire.compression import decompress_body
 from app.wire.proto import pb
-from app.wire.tensors import SparseBudget, array_from_proto, batched_tensor, pack_le, unpack_le
+from app.wire.sample_codec import encode_sample_response
+from app.wire.tensors import SparseBudget, array_from_proto, batched_tensor, unpack_le
 
 PROTOBUF_MEDIA_TYPE = "application/x-protobuf"
+# Sample results are encoded in app.wire.sample_codec; callers import them from here too.
+__all__ = ["PROTOBUF_MEDIA_TYPE", "decode_forward_backward", "encode_forward_backward_output", "encode_sample_response"]
 
 # The SDK keeps the text after the last ':' as the output class name (§7.4).
 _OUTPUT_TYPE = "ArrayRecord"
-_STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
-# Empty top-k cells, as the SDK's `topk_to_lists` recognises them (§7.3).
-_TOPK_EMPTY_TOKEN = 0
-_TOPK_EMPTY_LOGPROB = -99999.0
 
 
 def decode_forward_backward(
@@ -151,33 +149,3 @@ def _add_record(out: pb.ForwardBackwardOutput, group: list[dict[str, Array]], na
     record = out.loss_fn_outputs.add(type_tag=_OUTPUT_TYPE, num_datums=len(group))
     for name in names:
         record.fields[name].CopyFrom(batched_tensor([d[name] for d in group], group[0][name].shape[1:]))
-
-
-def encode_sample_response(result: SampleResult) -> bytes:
-    """`SampleResponse` bytes that the SDK decodes into `tinker.types.SampleResponse` (§7.3)."""
-    out = pb.SampleResponse()
-    for seq in result.sequences:
-        msg = out.sequences.add(stop_reason=_STOP_REASONS[seq.stop_reason], tokens=pack_le("i", seq.tokens))
-        if seq.logprobs is not None:
-            if len(seq.logprobs) != len(seq.tokens):
-                raise ServerError(f"{len(seq.logprobs)} logprobs for {len(seq.tokens)} sampled tokens")
-            msg.logprobs = pack_le("f", seq.logprobs)
-    if result.prompt_logprobs is not None:
-        # NaN marks "not computed" (position 0); the SDK turns NaN back into None.
-        out.prompt_logprobs = pack_le("f", [math.nan if lp is None else lp for lp in result.prompt_logprobs])
-    if result.topk_prompt_logprobs is not None:
-        out.topk_prompt_logprobs.CopyFrom(_topk(result.topk_prompt_logprobs))
-    return out.SerializeToString()
-
-
-def _topk(rows: Sequence[Sequence[tuple[int, float]] | None]) -> pb.TopkLogprobs:
-    # A dense [length, k] matrix, row-major; short rows and None rows are padded with empty cells.
-    k = max((len(row) for row in rows if row is not None), default=0)
-    token_ids: list[int] = []
-    logprobs: list[float] = []
-    for row in rows:
-        cells = list(row or ())
-        cells += [(_TOPK_EMPTY_TOKEN, _TOPK_EMPTY_LOGPROB)] * (k - len(cells))
-        token_ids.extend(token for token, _ in cells)
-        logprobs.extend(lp for _, lp in cells)
-    return pb.TopkLogprobs(token_ids=pack_le("i", token_ids), logprobs=pack_le("f", logprobs), k=k, length=len(rows))

@@ -33,6 +33,7 @@ from app.wire.json_models import (
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
 )
+from app.wire.sample_extras import sample_extras
 
 # Adam is the only optimizer family implemented; 0.38 names it "adamw" (§6.5).
 _ADAM_NAMES = frozenset({"adam", "adamw"})
@@ -213,30 +214,9 @@ def sample_to_op(req: SampleRequest) -> SampleOp:
         raise InvalidInput("prompt is empty")
     if req.num_samples < 1:
         raise InvalidInput(f"num_samples must be at least 1, got {req.num_samples}")
-    if req.topk_prompt_logprobs < 0:
-        raise InvalidInput(f"topk_prompt_logprobs must be >= 0, got {req.topk_prompt_logprobs}")
-    _reject_unsupported_sample_features(req)
-    return SampleOp(
-        prompt=prompt,
-        num_samples=req.num_samples,
-        params=_sampling_params(req),
-        prompt_logprobs=bool(req.prompt_logprobs),
-        topk_prompt_logprobs=req.topk_prompt_logprobs,
-    )
-
-
-def _reject_unsupported_sample_features(req: SampleRequest) -> None:
-    # 0.38 fields whose answer this server cannot give. Refusing is better than a silent gap:
-    # 0.38 raises RuntimeError on a missing prompt_alt_tokens or an unmasked last_n prefix (§6.4).
-    # record_stability_info only feeds stable_reinforce bookkeeping and is ignored.
-    if req.topk_sample_logprobs:
-        raise InvalidInput("topk_sample_logprobs is not supported by this server")
-    if req.target_prompt_logprobs is not None:
-        raise InvalidInput("target_prompt_logprobs is not supported by this server")
-    if req.prompt_alt_tokens_k:
-        raise InvalidInput("prompt_alt_tokens_k is not supported by this server")
-    if req.prompt_logprobs_last_n is not None:
-        raise InvalidInput("prompt_logprobs_last_n is not supported by this server")
+    # Logprob options, top-k widths and the 0.38 extras (docs/sampling.md).
+    extras = sample_extras(req, len(prompt))
+    return SampleOp(prompt=prompt, num_samples=req.num_samples, params=_sampling_params(req), **extras)
 
 
 def _sampling_params(req: SampleRequest) -> SamplingParams:

@@ -102,7 +102,7 @@ BAD_SAMPLES: dict[str, tuple[dict[str, Any], str]] = {
     "top_p_0": ({"sampling_params": {"top_p": 0.0}}, "top_p"),
     "top_k_0": ({"sampling_params": {"top_k": 0}}, "top_k"),
     "stop_token_at_vocab": ({"sampling_params": {"max_tokens": 4, "stop": [VOCAB]}}, "stop token"),
-    "topk_sample_logprobs": ({"topk_sample_logprobs": 5}, "topk_sample_logprobs"),
+    "topk_sample_logprobs_over_limit": ({"topk_sample_logprobs": 21}, "topk_sample_logprobs"),
     "prompt_not_a_model_input": ({"prompt": "hello"}, "prompt"),
 }
 

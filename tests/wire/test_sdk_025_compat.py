@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from app.domain.results import ForwardBackwardResult, SampledSequence, SampleResult
+from app.domain.results import ForwardBackwardResult, SampledSequence, SampleResult, TokenTable
+from app.domain.sampling import PromptGrid
 from app.domain.tensors import Array
 from app.wire.codec import decode_forward_backward, encode_forward_backward_output, encode_sample_response
 
@@ -75,3 +76,39 @@ def test_sdk_0_25_round_trips() -> None:
     assert op.loss_fn_config == {"clip_low_threshold": 0.7}  # 0.25 writes only the legacy map
     assert op.data[0].tokens == (1, 2, 3)
     assert op.data[0].loss_fn_inputs["weights"].tolist() == [1.0, 1.0, 0.0]
+
+
+_EXTRAS_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tinker import types
+from tinker.proto.response_conv import deserialize_sample_response
+assert not hasattr(types, "TopkLogprobs"), "not the 0.25 SDK"
+sample = deserialize_sample_response(bytes.fromhex(sys.stdin.read()))
+print(json.dumps({
+    "prompt_logprobs": sample.prompt_logprobs,
+    "sequences": [[s.tokens, s.logprobs, s.stop_reason] for s in sample.sequences],
+}))
+"""
+
+
+def test_sdk_0_25_reads_a_reply_carrying_0_38_fields() -> None:
+    # 0.25 cannot ask for the extras, but a stored reply may carry them; it must skip them (§11 row 4).
+    table = TokenTable(
+        token_ids=Array.from_list([5, 1], "int64", (1, 2)), logprobs=Array.from_list([-0.5, -2.0], "float32", (1, 2))
+    )
+    sample = SampleResult(
+        sequences=(SampledSequence(tokens=(5,), logprobs=(-0.5,), stop_reason="stop", topk_logprobs=table),),
+        prompt_logprobs=(None, -0.25),
+        target_prompt_logprobs=PromptGrid(shape=(1, 1), values=Array.from_list([-0.25], "float32")),
+        prompt_alt_tokens=table,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXTRAS_SCRIPT, str(SRC)],
+        input=encode_sample_response(sample).hex(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(proc.stdout)
+    assert out == {"prompt_logprobs": [None, -0.25], "sequences": [[[5], [-0.5], "stop"]]}

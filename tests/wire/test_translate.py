@@ -276,18 +276,8 @@ def test_multi_chunk_prompt_concatenated() -> None:
         ({}, {"prompt": {"chunks": []}}, "prompt is empty"),
         ({}, {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, -2]}]}}, "non-negative"),
         ({}, {"topk_prompt_logprobs": -1}, "topk_prompt_logprobs"),
-        ({}, {"topk_sample_logprobs": 2}, "topk_sample_logprobs is not supported"),
-        ({}, {"prompt_alt_tokens_k": 1}, "prompt_alt_tokens_k is not supported"),
-        (
-            {},
-            {"prompt_logprobs_last_n": 1, "prompt_logprobs": True},
-            "prompt_logprobs_last_n is not supported",
-        ),
-        (
-            {},
-            {"target_prompt_logprobs": {"data": [1], "dtype": "int64", "shape": [1, 1]}},
-            "target_prompt_logprobs",
-        ),
+        ({}, {"topk_prompt_logprobs": 101}, "topk_prompt_logprobs must be between 0 and 100"),
+        # The 0.38 extras have their own cases in test_sample_extras.py.
     ],
 )
 def test_sample_validation(params: dict[str, Any], fields: dict[str, Any], message: str) -> None:
@@ -315,5 +305,8 @@ def test_sample_real_sdk_image_chunk_rejected() -> None:
         tr.sample_to_op(jm.parse_body(jm.SampleRequest, body))
 
 
-def test_record_stability_info_is_ignored() -> None:
-    assert tr.sample_to_op(sample_req(record_stability_info=True)).prompt == (1, 2, 3)
+def test_record_stability_info_false_is_accepted_true_refused() -> None:
+    # 0.38 always sends the field, false unless the SamplingClient asked for stable_reinforce.
+    assert tr.sample_to_op(sample_req(record_stability_info=False)).prompt == (1, 2, 3)
+    with pytest.raises(InvalidInput, match=r"record_stability_info is not supported.*stable_reinforce"):
+        tr.sample_to_op(sample_req(record_stability_info=True))

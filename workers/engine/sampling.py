@@ -10,6 +10,8 @@ Semantics (chosen to match Tinker/vLLM where they define them):
   max_tokens ("length"). max_tokens None means min(DEFAULT_MAX_TOKENS, room left in the context).
 - Randomness comes only from a generator seeded with `seed` (a fresh random seed when None), so the
   same request with the same seed returns the same sequences.
+- topk_sample_logprobs = K adds, at every sampled position, the K most likely tokens of that same
+  distribution with their logprobs, best first. Prompt-side options are in prompt_scoring.py.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from app.domain.ops import SampleOp, SamplingParams
 from app.domain.results import SampledSequence, SampleResult
 from workers.engine.base_models import LoadedModel
 from workers.engine.errors import OpInputError
-from workers.engine.logits import decoder_hidden, project, target_logprobs, topk_logprobs
+from workers.engine.logits import decoder_hidden, project
+from workers.engine.prompt_scoring import check_extras, score_prompt, topk_table
 
 DEFAULT_MAX_TOKENS = 256  # a forgotten max_tokens should not tie a GPU up for a whole context
 MAX_NUM_SAMPLES = 64
-MAX_TOPK_PROMPT_LOGPROBS = 100
 
 
 def resolve_max_tokens(op: SampleOp, vocab_size: int, max_len: int) -> int:
@@ -45,8 +47,7 @@ def resolve_max_tokens(op: SampleOp, vocab_size: int, max_len: int) -> int:
         raise OpInputError(f"prompt has {len(prompt)} tokens; the model's max length is {max_len}")
     if not 1 <= op.num_samples <= MAX_NUM_SAMPLES:
         raise OpInputError(f"num_samples must be in [1, {MAX_NUM_SAMPLES}], got {op.num_samples}")
-    if not 0 <= op.topk_prompt_logprobs <= MAX_TOPK_PROMPT_LOGPROBS:
-        raise OpInputError(f"topk_prompt_logprobs must be in [0, {MAX_TOPK_PROMPT_LOGPROBS}]")
+    check_extras(op, vocab_size)
     if not math.isfinite(params.temperature) or params.temperature < 0:
         raise OpInputError(f"temperature must be finite and >= 0, got {params.temperature}")
     if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
@@ -73,6 +74,8 @@ def resolve_max_tokens(op: SampleOp, vocab_size: int, max_len: int) -> int:
 class _Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk_ids: list[list[int]] = field(default_factory=list)
+    topk_lps: list[list[float]] = field(default_factory=list)
     reason: Literal["stop", "length"] | None = None
 
 
@@ -130,7 +133,8 @@ def sample(lm: LoadedModel, op: SampleOp, max_tokens: int) -> SampleResult:
         cache = DynamicCache(config=model.config)
         prompt = torch.tensor([op.prompt], dtype=torch.int64, device=device)
         hidden = decoder_hidden(model, prompt, cache=cache)[0]  # [P, H]
-        prompt_lp, topk = _prompt_logprobs(lm, op, hidden)
+        scores = score_prompt(lm, op, hidden, seed)
+        topk_k = min(op.topk_sample_logprobs, lm.vocab_size)
 
         active = list(range(len(rows)))  # rows still generating, in cache batch order
         if max_tokens > 0:
@@ -140,12 +144,21 @@ def sample(lm: LoadedModel, op: SampleOp, max_tokens: int) -> SampleResult:
             # Vocabulary padding rows (ids past the tokenizer) are never sampled: slicing them off
             # keeps ids unchanged, as they sit at the end.
             chosen = _choose(logits[:, :allowed], params, gen)
-            chosen_lp = F.log_softmax(logits, dim=-1).gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+            logprobs = F.log_softmax(logits, dim=-1)
+            chosen_lp = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+            top_ids: list[list[int]] = []
+            top_lps: list[list[float]] = []
+            if topk_k:
+                top = torch.topk(logprobs, topk_k, dim=-1)
+                top_ids, top_lps = top.indices.tolist(), top.values.tolist()
             keep: list[int] = []
             for pos, (row_id, token, lp) in enumerate(zip(active, chosen.tolist(), chosen_lp.tolist(), strict=True)):
                 row = rows[row_id]
                 row.tokens.append(int(token))
                 row.logprobs.append(float(lp))
+                if topk_k:
+                    row.topk_ids.append(top_ids[pos])
+                    row.topk_lps.append(top_lps[pos])
                 if stop.stops(row.tokens):
                     row.reason = "stop"
                 else:
@@ -162,30 +175,18 @@ def sample(lm: LoadedModel, op: SampleOp, max_tokens: int) -> SampleResult:
             logits = project(model, hidden[:, -1])
 
     sequences = tuple(
-        SampledSequence(tokens=tuple(r.tokens), logprobs=tuple(r.logprobs), stop_reason=r.reason or "length")
+        SampledSequence(
+            tokens=tuple(r.tokens),
+            logprobs=tuple(r.logprobs),
+            stop_reason=r.reason or "length",
+            topk_logprobs=topk_table(r.topk_ids, r.topk_lps, topk_k) if topk_k else None,
+        )
         for r in rows
     )
-    return SampleResult(sequences=sequences, prompt_logprobs=prompt_lp, topk_prompt_logprobs=topk)
-
-
-def _prompt_logprobs(
-    lm: LoadedModel, op: SampleOp, hidden: torch.Tensor
-) -> tuple[
-    tuple[float | None, ...] | None,
-    tuple[tuple[tuple[int, float], ...] | None, ...] | None,
-]:
-    """Position i holds log p(prompt[i] | prompt[:i]); position 0 has no prefix, hence None."""
-    prompt_lp: tuple[float | None, ...] | None = None
-    topk: tuple[tuple[tuple[int, float], ...] | None, ...] | None = None
-    if op.prompt_logprobs:
-        targets = torch.tensor(op.prompt[1:], dtype=torch.int64, device=hidden.device)
-        values = target_logprobs(lm.model, hidden[:-1], targets).tolist()
-        prompt_lp = (None, *(float(v) for v in values))
-    if op.topk_prompt_logprobs > 0:
-        k = min(op.topk_prompt_logprobs, lm.vocab_size)
-        top_values, top_ids = topk_logprobs(lm.model, hidden[:-1], k)
-        pairs = [
-            tuple(zip(ids, vals, strict=True)) for ids, vals in zip(top_ids.tolist(), top_values.tolist(), strict=True)
-        ]
-        topk = (None, *pairs)
-    return prompt_lp, topk
+    return SampleResult(
+        sequences=sequences,
+        prompt_logprobs=scores.logprobs,
+        topk_prompt_logprobs=scores.topk,
+        target_prompt_logprobs=scores.target,
+        prompt_alt_tokens=scores.alt_tokens,
+    )

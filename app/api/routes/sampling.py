@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session as DbSession
 from starlette.concurrency import run_in_threadpool
 
@@ -12,12 +14,19 @@ from app.api.deps import State, Tenant, body_as
 from app.api.validation import check_sample
 from app.domain.errors import InvalidInput
 from app.domain.ids import parse_tinker_path
-from app.queue import checkpoints, submit
+from app.queue import backpressure, checkpoints, submit
+from app.queue.backpressure import SampleQueueFull, SampleQueueLimits
 from app.queue.submit import Wakeup
 from app.wire import translate
 from app.wire.json_models import CreateSamplingSessionRequest, SampleRequest
+from app.wire.sample_extras import check_target_ids
+
+# Seconds a refused sample is told to wait. The SDK waits 1 s on any 429 from asample whatever the
+# header says; other HTTP clients get a standard hint.
+RETRY_AFTER_SECONDS = 1
 
 router = APIRouter()
+log = logging.getLogger("tuft.api")
 
 
 @router.post("/api/v1/create_sampling_session")
@@ -47,30 +56,40 @@ async def create_sampling_session(request: Request, state: State, tenant: Tenant
     return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
 
-@router.post("/api/v1/asample")
-async def asample(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+@router.post("/api/v1/asample", response_model=None)
+async def asample(request: Request, state: State, tenant: Tenant) -> dict[str, Any] | JSONResponse:
     req = await body_as(request, SampleRequest)
     if not req.sampling_session_id:
         raise InvalidInput("sampling_session_id is required (create a sampling client first)")
     if req.seq_id is None or req.seq_id < 0:
         raise InvalidInput("seq_id is required and must be >= 0")
     op = translate.sample_to_op(req)
+    settings = state.settings
+    limits = SampleQueueLimits(total=settings.max_queued_samples, per_tenant=settings.max_queued_samples_per_tenant)
 
     def work(s: DbSession) -> tuple[str, list[Wakeup]]:
         sampler = submit.get_sampler(s, tenant, req.sampling_session_id or "")
         spec = state.catalog.get(sampler.base_model)
-        check_sample(
-            op,
-            vocab=state.catalog.vocab_size(sampler.base_model),
-            max_len=spec.max_model_len,
-            max_samples=state.settings.max_samples_per_request,
-        )
+        vocab = state.catalog.vocab_size(sampler.base_model)
+        check_sample(op, vocab=vocab, max_len=spec.max_model_len, max_samples=settings.max_samples_per_request)
+        check_target_ids(op, vocab)
+        backpressure.admit_sample(s, sampler, req.seq_id or 0, limits)
         sub = submit.submit_sample(s, sampler, req.seq_id or 0, op)
         return sub.request_id, [sub.wakeup] if sub.wakeup else []
 
-    request_id = await run_in_threadpool(state.submit, work)
+    try:
+        request_id = await run_in_threadpool(state.submit, work)
+    except SampleQueueFull as exc:
+        return _queue_full(exc)
     # 0.38 asserts one id per requested sample, in order (tinker-protocol.md §3.1).
     return {
         "request_id": request_id,
         "sample_sequence_ids": [f"{request_id}:{i}" for i in range(op.num_samples)],
     }
+
+
+def _queue_full(exc: SampleQueueFull) -> JSONResponse:
+    """429: the SDK backs off and re-submits the same request (tinker-protocol.md §1.6)."""
+    log.info("POST /api/v1/asample -> 429: %s", exc.message)
+    body = {"error": "too_many_requests", "message": exc.message, "category": "server", "detail": exc.message}
+    return JSONResponse(body, status_code=429, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
