@@ -5,16 +5,34 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import uuid
+from pathlib import Path
 
 from app.config import Settings
 from app.db.engine import Database
 from app.doorbell import Doorbell
+from app.queue import checkpoints
 from app.queue.sweeper import SweepReport, hold_singleton, sweep
 
 log = logging.getLogger("tuft.sweeper")
+
+
+def remove_checkpoint_files(db: Database, checkpoint_dir: Path, storage_paths: list[str]) -> int:
+    """Delete the folders of checkpoints whose rows are gone (committed). Rows go first, files
+    after: a crash in between leaves orphan files, never a listed checkpoint without files."""
+    if not storage_paths:
+        return 0
+    with db.read() as s:
+        keep = checkpoints.in_use(s, storage_paths)
+    removed = 0
+    for rel in storage_paths:
+        if rel not in keep:
+            shutil.rmtree(checkpoint_dir / rel, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 class SweeperThread(threading.Thread):
@@ -38,6 +56,10 @@ class SweeperThread(threading.Thread):
             )
         if report.wakeups:
             self.doorbell.ring(report.wakeups)
+        if report.expired_checkpoints:
+            checkpoint_dir = self.settings.resolved_checkpoint_dir()
+            remove_checkpoint_files(self.db, checkpoint_dir, report.expired_checkpoints)
+            log.info("sweeper: deleted %d expired checkpoint(s)", len(report.expired_checkpoints))
         if report.expired_leases or report.dead_workers or report.requeued_samples:
             log.warning(
                 "sweeper: took back %d expired lease(s) %s, %d dead worker(s), %d abandoned sample(s)",

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.catalog import ModelCatalog
 from app.api.longpoll import FuturePoller
-from app.api.routes import client, downloads, futures, oai, rest, sampling, sessions, training
+from app.api.routes import checkpoints, client, downloads, futures, oai, rest, sampling, sessions, training
 from app.api.state import AppState
 from app.auth import KeyResolver
 from app.config import Settings
@@ -165,7 +165,7 @@ def create_app(
 
     app = FastAPI(title="TuFT", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (client, sessions, training, sampling, futures, rest, downloads, oai):
+    for module in (client, sessions, training, sampling, futures, rest, checkpoints, downloads, oai):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_now
-from app.db.models import Op, Run, Singleton, Worker
+from app.db.models import Checkpoint, Op, Run, Singleton, Worker
 from app.queue.claim import requeue_expired_samples
 from app.queue.submit import NEW_RUNS_QUEUE, Wakeup
 
 # A queued op this old with no progress has probably lost its wake-up: ring again.
 STALE_WAKEUP_SECONDS = 5.0
+# Expired checkpoints deleted per pass: keeps each pass's transaction short; the rest go next time.
+EXPIRE_CHECKPOINTS_BATCH = 200
 
 
 @dataclass
@@ -26,6 +28,9 @@ class SweepReport:
     dead_workers: list[str] = field(default_factory=list)
     requeued_samples: int = 0
     expired_results: int = 0
+    # Storage paths (relative to the checkpoint dir) of the checkpoints whose rows were deleted;
+    # the caller removes their files once this pass has committed.
+    expired_checkpoints: list[str] = field(default_factory=list)
     wakeups: list[Wakeup] = field(default_factory=list)
 
 
@@ -103,6 +108,22 @@ def expire_results(s: DbSession, retention: float, report: SweepReport) -> None:
     report.expired_results = int(done.rowcount)  # type: ignore[attr-defined]
 
 
+def expire_checkpoints(s: DbSession, report: SweepReport) -> None:
+    """Checkpoints past their expires_at (published ones too: a TTL is the owner's decision) lose
+    their rows here. Each delete re-checks the expiry, so a TTL extended or removed meanwhile wins."""
+    now = db_now(s)
+    due = s.execute(
+        select(Checkpoint.id, Checkpoint.storage_path)
+        .where(Checkpoint.expires_at < now)
+        .order_by(Checkpoint.expires_at)
+        .limit(EXPIRE_CHECKPOINTS_BATCH)
+    ).all()
+    for checkpoint_id, storage_path in due:
+        gone = s.execute(delete(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.expires_at < now))
+        if gone.rowcount == 1:  # type: ignore[attr-defined]
+            report.expired_checkpoints.append(storage_path)
+
+
 def sweep(s: DbSession, *, lease_ttl: float, result_retention: float) -> SweepReport:
     report = SweepReport()
     expire_leases(s, report)
@@ -110,4 +131,5 @@ def sweep(s: DbSession, *, lease_ttl: float, result_retention: float) -> SweepRe
     report.requeued_samples = requeue_expired_samples(s)
     rering_stale(s, report)
     expire_results(s, result_retention, report)
+    expire_checkpoints(s, report)
     return report

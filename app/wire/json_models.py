@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from app.domain.errors import InvalidInput, MalformedRequest
 from app.domain.ids import run_id_for
@@ -295,7 +295,10 @@ class WeightsInfoRequest(WireModel):
 
 
 class SetTtlRequest(WireModel):
-    ttl_seconds: int | None = None
+    """The SDK always sends the key; null removes the expiry. Strict: "60", 1.5 or true are
+    mistakes to report, not to coerce."""
+
+    ttl_seconds: StrictInt | None
 
 
 class AssignProjectRequest(WireModel):
@@ -306,8 +309,8 @@ class CopyWeightsRequest(WireModel):
     source_path: str
     destination_project_id: str | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
-    ttl_seconds: int | None = None
+    model_seq_id: int | None = Field(None, ge=0, le=2**31 - 1)
+    ttl_seconds: StrictInt | None = None
 
 
 class ListQuery(WireModel):

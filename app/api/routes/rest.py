@@ -1,8 +1,9 @@
-"""REST for RestClient and the `tinker` CLI: training runs and checkpoints (tinker-protocol.md §5.2)."""
+"""REST for RestClient and the `tinker` CLI: training runs, checkpoint listings and deletion
+(tinker-protocol.md §5.2). Checkpoint TTL, publishing and copies are in routes/checkpoints.py."""
 
 from __future__ import annotations
 
-import shutil
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,30 +13,67 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, Tenant
 from app.db.models import Checkpoint, Run
-from app.domain.ids import checkpoint_path, parse_checkpoint_id
+from app.domain.errors import InvalidInput
+from app.domain.ids import validate_checkpoint_name
 from app.queue import checkpoints, submit
+from app.sweeper import remove_checkpoint_files
 from app.wire.json_models import ListQuery, parse_body
 
 router = APIRouter()
 
-_SEGMENT = {"training": "weights", "sampler": "sampler_weights"}
+# Checkpoint kinds and their tinker:// path segments (the SDK's types/checkpoint.py).
+SEGMENT = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
+KIND = {segment: kind for kind, segment in SEGMENT.items()}
+# The first SDK whose Checkpoint model accepts checkpoint_type "external"; 0.25's rejects the whole
+# listing if one appears (§11 row 24), so older clients are not shown them.
+EXTERNAL_LISTED_FROM = (0, 38)
+_UA_VERSION = re.compile(r"Tinker/Python (\d+(?:\.\d+)*)")
+_MAX_LIMIT = 1000
 
 
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
+def checkpoint_kind(segment: str, name: str) -> tuple[str, str]:
+    """The `{kind}/{name}` of a checkpoint URL -> (kind, name), validated."""
+    if segment not in KIND:
+        raise InvalidInput(f"invalid checkpoint id {segment}/{name!r}: expected one of {', '.join(KIND)}/<name>")
+    return KIND[segment], validate_checkpoint_name(name)
+
+
 def checkpoint_json(c: Checkpoint) -> dict[str, Any]:
+    segment = SEGMENT[c.kind]
     return {
-        "checkpoint_id": f"{_SEGMENT[c.kind]}/{c.name}",
+        "checkpoint_id": f"{segment}/{c.name}",
         "checkpoint_type": c.kind,
         "time": _iso(c.created_at),
-        "tinker_path": checkpoint_path(c.run_id, c.kind, c.name),  # type: ignore[arg-type]
+        "tinker_path": f"tinker://{c.run_id}/{segment}/{c.name}",
         "size_bytes": c.size_bytes,
         "public": c.public,
         "user_metadata": c.user_metadata,
         "expires_at": _iso(c.expires_at),
     }
+
+
+def sdk_version(request: Request) -> tuple[int, ...] | None:
+    """The caller's SDK version: 0.38 sends x-sdk-version inside public calls; every Stainless
+    client sends X-Stainless-Package-Version and a User-Agent `AsyncTinker/Python <version>`."""
+    headers = request.headers
+    match = _UA_VERSION.search(headers.get("user-agent", ""))
+    for raw in (headers.get("x-sdk-version"), headers.get("x-stainless-package-version"), match and match[1]):
+        parts = re.match(r"(\d+)\.(\d+)", raw or "")
+        if parts:
+            return int(parts[1]), int(parts[2])
+    return None
+
+
+def listed_kinds(request: Request) -> set[str] | None:
+    """None (every kind) unless the client is an SDK too old to parse external checkpoints."""
+    version = sdk_version(request)
+    if version is not None and version < EXTERNAL_LISTED_FROM:
+        return {"training", "sampler"}
+    return None
 
 
 def run_json(s: Any, run: Run) -> dict[str, Any]:
@@ -55,9 +93,23 @@ def run_json(s: Any, run: Run) -> dict[str, Any]:
     }
 
 
-def _page(request: Request, default_limit: int) -> tuple[int, int]:
-    q = parse_body(ListQuery, {"limit": default_limit, **dict(request.query_params)})
-    return max(1, min(q.limit, 1000)), max(0, min(q.offset, 2**31 - 1))
+def _page(request: Request, default_limit: int | None) -> tuple[int | None, int]:
+    """`?limit=&offset=`: a limit above the maximum is served as the maximum (the cursor says
+    so); a limit below 1 or a negative offset is a 400."""
+    q = parse_body(ListQuery, dict(request.query_params))
+    limit = q.limit if "limit" in request.query_params else default_limit
+    if limit is not None and limit < 1:
+        raise InvalidInput(f"limit must be at least 1, got {limit}")
+    if q.offset < 0:
+        raise InvalidInput(f"offset must not be negative, got {q.offset}")
+    return (None if limit is None else min(limit, _MAX_LIMIT)), min(q.offset, 2**31 - 1)
+
+
+def _listing(rows: list[Checkpoint], total: int, limit: int | None, offset: int) -> dict[str, Any]:
+    return {
+        "checkpoints": [checkpoint_json(c) for c in rows],
+        "cursor": {"offset": offset, "limit": total if limit is None else limit, "total_count": total},
+    }
 
 
 @router.get("/api/v1/training_runs")
@@ -88,15 +140,16 @@ async def get_training_run(run_id: str, state: State, tenant: Tenant) -> dict[st
 
 
 @router.get("/api/v1/training_runs/{run_id}/checkpoints")
-async def list_run_checkpoints(run_id: str, state: State, tenant: Tenant) -> dict[str, Any]:
+async def list_run_checkpoints(run_id: str, request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    # The SDK sends no limit here and the CLI looks checkpoints up in this list: all by default.
+    limit, offset = _page(request, None)
+    kinds = listed_kinds(request)
+
     def work() -> dict[str, Any]:
         with state.db.read() as s:
             submit.get_run(s, tenant, run_id)
-            rows = checkpoints.list_for_run(s, tenant, run_id)
-            return {
-                "checkpoints": [checkpoint_json(c) for c in rows],
-                "cursor": {"offset": 0, "limit": len(rows), "total_count": len(rows)},
-            }
+            rows, total = checkpoints.list_for_run(s, tenant, run_id, limit, offset, kinds)
+            return _listing(rows, total, limit, offset)
 
     return await run_in_threadpool(work)
 
@@ -104,29 +157,25 @@ async def list_run_checkpoints(run_id: str, state: State, tenant: Tenant) -> dic
 @router.get("/api/v1/checkpoints")
 async def list_user_checkpoints(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
     limit, offset = _page(request, 100)
+    kinds = listed_kinds(request)
 
     def work() -> dict[str, Any]:
         with state.db.read() as s:
-            rows, total = checkpoints.list_for_tenant(s, tenant, limit, offset)
-            return {
-                "checkpoints": [checkpoint_json(c) for c in rows],
-                "cursor": {"offset": offset, "limit": limit, "total_count": total},
-            }
+            rows, total = checkpoints.list_for_tenant(s, tenant, limit or _MAX_LIMIT, offset, kinds)
+            return _listing(rows, total, limit, offset)
 
     return await run_in_threadpool(work)
 
 
-@router.delete("/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
-async def delete_checkpoint(run_id: str, checkpoint_id: str, state: State, tenant: Tenant) -> dict[str, Any]:
-    kind, name = parse_checkpoint_id(checkpoint_id)
+@router.delete("/api/v1/training_runs/{run_id}/checkpoints/{segment}/{name}")
+async def delete_checkpoint(run_id: str, segment: str, name: str, state: State, tenant: Tenant) -> dict[str, Any]:
+    kind, name = checkpoint_kind(segment, name)
 
     def work() -> None:
         with state.db.write() as s:
-            row = checkpoints.delete(s, tenant, run_id, kind, name)
+            row = checkpoints.delete(s, tenant, run_id, kind, name, label=f"{segment}/{name}")
             storage = row.storage_path
-        # Files go after the row: a crash in between leaves orphan files, never a listed
-        # checkpoint without files.
-        shutil.rmtree(state.settings.resolved_checkpoint_dir() / storage, ignore_errors=True)
+        remove_checkpoint_files(state.db, state.settings.resolved_checkpoint_dir(), [storage])
 
     await run_in_threadpool(work)
     return {}
