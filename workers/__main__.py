@@ -9,6 +9,7 @@ polls the database by itself (the embedded default).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -78,6 +79,10 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
+    # `kill -USR1 <pid>` prints every thread's stack to the worker's stderr: how an operator (or a
+    # failing chaos test) sees where a worker that makes no progress is waiting. Under Celery its
+    # own SIGUSR1 handler replaces this one and prints the same.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -54,7 +54,11 @@ class Outcome:
 
 @dataclass(eq=False)
 class Driver(threading.Thread):
-    """`iterations` x (forward_backward + optim_step), then save_state, all pipelined."""
+    """`iterations` x (forward_backward + optim_step), then save_state, all pipelined.
+
+    With `hold_last`, save_state is submitted only once `release()` is called: a test that kills
+    a worker "somewhere in the stream" then still has an op left for the survivor to run, even
+    when the kill lands after the last training op (a fast machine finishes the stream quickly)."""
 
     url: str
     iterations: int
@@ -63,6 +67,8 @@ class Driver(threading.Thread):
     failure: BaseException | None = None
     created: threading.Event = field(default_factory=threading.Event)
     submitted: threading.Event = field(default_factory=threading.Event)
+    hold_last: bool = False
+    released: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         threading.Thread.__init__(self, name="chaos-driver", daemon=True)
@@ -89,6 +95,8 @@ class Driver(threading.Thread):
         for _ in range(self.iterations):
             futures.append(("forward_backward", training.forward_backward([datum], "cross_entropy")))
             futures.append(("optim_step", training.optim_step(types.AdamParams(learning_rate=LEARNING_RATE))))
+        if self.hold_last and not self.released.wait(RESULT_TIMEOUT):
+            raise TimeoutError("the test never released the final save_state")
         futures.append(("save_weights", training.save_state(CHECKPOINT_NAME)))
         self.submitted.set()
         start = time.monotonic()
@@ -102,6 +110,9 @@ class Driver(threading.Thread):
         # calling a server that the test is about to tear down.
         with contextlib.suppress(Exception):
             client.close("success").result(timeout=30)
+
+    def release(self) -> None:
+        self.released.set()
 
     # ---- what the client saw ----
     def finish(self, timeout: float = 400) -> Driver:

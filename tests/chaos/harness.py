@@ -519,6 +519,14 @@ class Cluster:
             self._db.dispose()
 
     # ---- logs ----
+    def dump_stacks(self) -> None:
+        """Ask every live worker to print its threads' stacks into its log (faulthandler on
+        SIGUSR1, workers/__main__.py), for the diagnosis of a run that stopped making progress."""
+        for proc in self.workers.values():
+            if proc is not None and proc.alive():
+                self.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(1.0)
+
     def logs(self) -> str:
         return "\n".join(
             f"--- {p.name}\n{p.read_text(errors='replace')[-5000:]}" for p in sorted(self.root.glob("*.log"))
