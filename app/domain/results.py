@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from app.domain.oai import OaiCompletionResult
 from app.domain.sampling import PromptGrid
 from app.domain.tensors import Array
 
@@ -75,7 +76,14 @@ class SampleResult(_Frozen):
 
 
 Result = Annotated[
-    CreateModelResult | ForwardBackwardResult | OptimStepResult | SaveWeightsResult | LoadWeightsResult | SampleResult,
+    CreateModelResult
+    | ForwardBackwardResult
+    | OptimStepResult
+    | SaveWeightsResult
+    | LoadWeightsResult
+    | SampleResult
+    # An OpenAI-endpoint completion is an op too; its id is visible to clients, who may poll it.
+    | OaiCompletionResult,
     Field(discriminator="kind"),
 ]
 _RESULT_ADAPTER: TypeAdapter[Result] = TypeAdapter(Result)

@@ -12,6 +12,7 @@ import json
 from typing import Any, Literal
 
 from app.domain.errors import Category, ServerError
+from app.domain.oai import OaiCompletionResult
 from app.domain.results import (
     CreateModelResult,
     ForwardBackwardResult,
@@ -25,7 +26,7 @@ from app.wire.codec import PROTOBUF_MEDIA_TYPE, encode_forward_backward_output, 
 JSON_MEDIA_TYPE = "application/json"
 QueueState = Literal["active", "paused_capacity", "paused_rate_limit"]
 
-JsonResult = CreateModelResult | OptimStepResult | SaveWeightsResult | LoadWeightsResult
+JsonResult = CreateModelResult | OptimStepResult | SaveWeightsResult | LoadWeightsResult | OaiCompletionResult
 AnyResult = JsonResult | ForwardBackwardResult | SampleResult
 
 
@@ -40,6 +41,9 @@ def result_to_json(result: JsonResult) -> dict[str, Any]:
         return _save_weights_json(result)
     if isinstance(result, LoadWeightsResult):
         return {"path": result.path, "model_id": result.model_id, "type": "load_weights"}
+    if isinstance(result, OaiCompletionResult):
+        # No SDK asks for these; a client polling an OpenAI completion's id gets its raw result.
+        return result.model_dump(mode="json")
     raise TypeError(f"{type(result).__name__} is not a JSON-typed result")
 
 

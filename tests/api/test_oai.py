@@ -164,6 +164,13 @@ def test_completion_is_queued_as_a_sample_op_and_answered_in_openai_shape(
     with api.db.read() as s:
         row = s.get(Op, request_id)
         assert row is not None and row.tenant == "default" and row.delivered_at is not None
+    # The op id is visible in the answer; polling it as a Tinker future gives the raw result, and
+    # another tenant cannot see it.
+    polled = api.post("/api/v1/retrieve_future", {"request_id": request_id, "allow_metadata_only": False})
+    assert polled.status_code == 200, polled.text
+    assert OaiCompletionResult.model_validate(polled.json()) == RESULT
+    foreign = api.post("/api/v1/retrieve_future", {"request_id": request_id}, key=KEY_B)
+    assert foreign.status_code == 404, foreign.text
 
 
 def test_chat_completion_on_the_base_model(api: Api, pool: ThreadPoolExecutor) -> None:
