@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import tinker
 from tinker import types
@@ -60,10 +62,15 @@ def test_rest_listings_and_checkpoint_lifecycle(embedded_server: LiveServer) -> 
     assert session_id in rest.list_sessions().result(timeout=30).sessions
     assert rest.get_session(session_id).result(timeout=30).training_run_ids == [training.model_id]
 
+    def sampler_folders() -> list[Path]:
+        # Storage layout: checkpoints/<run id with ':' replaced>/<kind>/<name> (app/queue/checkpoints.py).
+        return list(embedded_server.data_dir.glob("checkpoints/*/sampler/w1"))
+
+    assert sampler_folders(), "the sampler checkpoint's files should exist before the delete"
     rest.delete_checkpoint_from_tinker_path(sampler.path).result(timeout=30)
     after = rest.list_checkpoints(training.model_id).result(timeout=30)
     assert [c.tinker_path for c in after.checkpoints] == [state.path]
-    assert not any(embedded_server.data_dir.glob("checkpoints/**/sampler_weights/w1"))
+    assert not sampler_folders()
     with pytest.raises(Exception, match="not found"):
         resolved(client.create_sampling_client(model_path=sampler.path)).sample(
             prompt=types.ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=types.SamplingParams(max_tokens=2)
