@@ -55,9 +55,15 @@ def admit_sample(s: DbSession, sampler: Sampler, seq: int, limits: SampleQueueLi
     known = s.execute(select(Op.request_id).where(Op.sampler_id == sampler.sampler_id, Op.sampler_seq == seq))
     if known.first() is not None:
         return
+    admit_new(s, sampler.tenant, limits)
+
+
+def admit_new(s: DbSession, tenant: str, limits: SampleQueueLimits) -> None:
+    """Raise SampleQueueFull if one more sample-kind op (a sample, or an OpenAI-endpoint
+    completion, which has no retry to recognise) would exceed a limit."""
     if limits.total and pending_samples(s, up_to=limits.total) >= limits.total:
         raise SampleQueueFull(f"the sampling queue is full ({limits.total} samples queued or running); retry later")
-    if limits.per_tenant and pending_samples(s, tenant=sampler.tenant, up_to=limits.per_tenant) >= limits.per_tenant:
+    if limits.per_tenant and pending_samples(s, tenant=tenant, up_to=limits.per_tenant) >= limits.per_tenant:
         raise SampleQueueFull(
             f"this tenant already has {limits.per_tenant} samples queued or running (its limit); retry later"
         )

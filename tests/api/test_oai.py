@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from app.db.models import Checkpoint, Op
 from app.domain.oai import OaiChoice, OaiCompletionOp, OaiCompletionResult
 from app.domain.ops import parse_op
 from app.domain.results import result_bytes
-from tests.api.helpers import BASE_MODEL, KEY_A, KEY_B, TENANT_B, Api, record_checkpoint
+from tests.api.helpers import BASE_MODEL, KEY_A, KEY_B, TENANT_B, Api, make_settings, record_checkpoint, running_app
 
 OAI = "/oai/api/v1"
 
@@ -340,3 +341,46 @@ def test_unparseable_bodies(api: Api) -> None:
     oai_error(r, 400, contains="not valid JSON")
     oai_error(api.post(f"{OAI}/completions", [1, 2]), 400, contains="JSON object")
     oai_error(api.post(f"{OAI}/chat/completions", {"messages": []}), 400, contains="model")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def limited(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A factory of apps with the given settings, on a fresh database of the fixture's backend."""
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+    def start(**settings: Any) -> Any:
+        return running_app(make_settings(tmp_path / "data", url, **settings))
+
+    yield start
+
+
+def test_completions_share_the_sample_queue_backpressure(limited: Any) -> None:
+    """A completion is a sample-kind op: with the queue full it is refused with a 429 (OpenAI's
+    shape, Retry-After) and nothing is written; once the queue drains it is accepted."""
+    with limited(max_queued_samples=1) as api:
+        sampler_id = api.sampler()
+        queued = api.accepted(
+            api.post(
+                "/api/v1/asample",
+                {
+                    "sampling_session_id": sampler_id,
+                    "seq_id": 0,
+                    "num_samples": 1,
+                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+                    "sampling_params": {"max_tokens": 2},
+                },
+            )
+        )
+        body = {"model": BASE_MODEL, "prompt": f"full {uuid.uuid4().hex}", "max_tokens": 2}
+        refused = api.post(f"{OAI}/completions", body, key=None, headers=bearer(KEY_A))
+        oai_error(refused, 429, "rate_limit_exceeded", "queue is full")
+        assert refused.headers["retry-after"] == "1"
+        with api.db.read() as s:
+            assert s.execute(select(Op.request_id).where(Op.sampler_id.is_(None))).first() is None
+
+        with api.db.write() as s:
+            s.execute(update(Op).where(Op.request_id == queued).values(status="succeeded"))
+        with ThreadPoolExecutor(1) as pool:
+            marker = uuid.uuid4().hex
+            r, _, _ = answered(api, pool, "/completions", {**body, "prompt": marker}, marker, result=RESULT)
+        assert r.status_code == 200, r.text

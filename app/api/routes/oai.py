@@ -25,8 +25,9 @@ from app.db.models import Checkpoint
 from app.domain.errors import DomainError, InvalidInput, NotFound, ServerError, Unauthorized
 from app.domain.ids import checkpoint_path, parse_tinker_path
 from app.domain.oai import OaiCompletionOp, parse_oai_result
-from app.queue import checkpoints
+from app.queue import backpressure, checkpoints
 from app.queue import oai as oai_queue
+from app.queue.backpressure import SampleQueueFull, SampleQueueLimits
 from app.queue.futures import mark_delivered
 from app.queue.submit import Wakeup
 from app.wire import oai as oai_wire
@@ -118,10 +119,20 @@ async def _complete(state: AppState, tenant: str, model: str, build: Build) -> R
         op = build(base_model, model if ckpt is not None else None)
         max_len = state.catalog.get(base_model).max_model_len
         oai_wire.check_limits(op, vocab=state.catalog.vocab_size(base_model), max_len=max_len)
+        # Completions share the sample queue, so they obey its backpressure limits too.
+        backpressure.admit_new(s, tenant, limits)
         sub = oai_queue.submit_completion(s, tenant, op)
         return (sub.request_id, op), [sub.wakeup] if sub.wakeup else []
 
-    request_id, op = await run_in_threadpool(state.submit, work)
+    settings = state.settings
+    limits = SampleQueueLimits(total=settings.max_queued_samples, per_tenant=settings.max_queued_samples_per_tenant)
+    try:
+        request_id, op = await run_in_threadpool(state.submit, work)
+    except SampleQueueFull as exc:
+        log.info("OpenAI completion -> 429: %s", exc.message)
+        response = _error(429, exc.message, "rate_limit_exceeded")
+        response.headers["Retry-After"] = "1"
+        return response
     view = await state.poller.wait(request_id, WAIT_SECONDS)
 
     def delivered() -> None:
