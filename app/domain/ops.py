@@ -159,6 +159,10 @@ class OptimStepOp(_Frozen):
     adam: AdamParams = AdamParams()
 
 
+# Longest checkpoint TTL accepted anywhere (save, set-TTL, copy): 10 years.
+MAX_TTL_SECONDS = 3650 * 86400
+
+
 class SaveWeightsOp(_Frozen):
     """save_state (checkpoint_kind=training), save_weights_for_sampler (sampler) or
     save_weights_external (external: the sampler's PEFT adapter, kept for download).

@@ -11,10 +11,10 @@ from app.db.engine import db_now
 from app.db.models import Checkpoint, Run, Sampler, Session
 from app.domain.errors import Conflict, InvalidInput, NotFound
 from app.domain.ids import TinkerPath
+from app.domain.ops import MAX_TTL_SECONDS
 
 # The SDK documents TTLs of "1 hour to 10 years"; we accept any positive number of seconds (tests
 # and scripts use short ones) up to the same ceiling.
-MAX_TTL_SECONDS = 3650 * 86400
 
 
 def storage_path_for(run_id: str, kind: str, name: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from app.domain.errors import InvalidInput
 from app.domain.ids import parse_tinker_path, validate_checkpoint_name
 from app.domain.ops import (
+    MAX_TTL_SECONDS,
     AdamParams,
     LoadWeightsOp,
     LoraConfig,
@@ -109,8 +110,11 @@ def _adam(p: AdamParamsModel) -> AdamParams:
 
 
 def _ttl(ttl_seconds: int | None) -> int | None:
-    if ttl_seconds is not None and ttl_seconds <= 0:
-        raise InvalidInput(f"ttl_seconds must be positive (or omitted for no expiry), got {ttl_seconds}")
+    if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise InvalidInput(
+            f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (10 years), or omitted for no expiry;"
+            f" got {ttl_seconds}"
+        )
     return ttl_seconds
 
 

@@ -79,8 +79,8 @@ def test_sampler_save_needs_a_name_or_a_sampling_session(api: Api) -> None:
     api.failed_future(api.accepted(api.post("/api/v1/save_weights_for_sampler", negative)))
 
 
-@pytest.mark.parametrize("ttl", [0, -5])
-def test_non_positive_ttl_is_a_failed_future(api: Api, ttl: int) -> None:
+@pytest.mark.parametrize("ttl", [0, -5, 3650 * 86400 + 1])
+def test_out_of_range_ttl_is_a_failed_future(api: Api, ttl: int) -> None:
     body = {"model_id": api.model(), "path": "ckpt", "seq_id": 1, "ttl_seconds": ttl, "overwrite": False}
     assert "ttl_seconds" in api.failed_future(api.accepted(api.post("/api/v1/save_weights", body)))
 
