@@ -44,8 +44,11 @@ class ModelCatalog:
 
     def tokenizer_id(self, name: str) -> str:
         """What the SDK's get_tokenizer() loads with AutoTokenizer.from_pretrained: a local folder
-        when one exists (no hub access here), else the model name."""
+        when one exists (no hub access here), else the model name; `tokenizer_id` in the model's
+        config overrides both, for clients on other machines."""
         spec = self.get(name)
+        if spec.tokenizer_id:
+            return spec.tokenizer_id
         if name == BUILTIN_TINY_MODEL:
             folder = self.settings.resolved_data_dir() / "cache" / "tokenizers" / "tiny-qwen3"
             return str(folder) if (folder / "tokenizer.json").exists() else name

@@ -23,6 +23,9 @@ class ModelSpec(BaseModel):
     # Filled from the model folder's config.json when omitted (no torch needed).
     vocab_size: int | None = None
     max_lora_rank: int = 128
+    # What get_info tells clients to load with AutoTokenizer.from_pretrained (a Hugging Face id, or
+    # a folder that exists on the clients' machines). Default: model_path if the API host sees it.
+    tokenizer_id: str | None = None
 
 
 def builtin_tiny_spec() -> ModelSpec:
