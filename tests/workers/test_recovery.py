@@ -145,7 +145,9 @@ def test_takeover_rebuilds_bitwise_from_snapshot_and_replay(migrated: str, tmp_p
     assert results(db, ids) == results(db, ref_ids)
     with db.read() as s:
         run = s.get(Run, run_id)
-        assert run is not None and run.optimizer_steps == 6 and run.lease_epoch == 3  # A: 1, sweeper: 2, B: 3
+        # Epochs: A 1, sweeper 2, B 3; a heavily loaded machine can delay B's 0.2 s heartbeats past
+        # the 1 s TTL once B is idle, and an extra take-back is correct behaviour, so: at least 3.
+        assert run is not None and run.optimizer_steps == 6 and run.lease_epoch >= 3
 
     # A's late commit attempt is fenced: A still believes it holds epoch 1.
     from app.queue.commit import Fenced, Outcome, commit_run_op
