@@ -262,21 +262,24 @@ def record_copy(
 
 
 def record_sampler(
-    s: DbSession, *, sampler_id: str, session_id: str, tenant: str, base_model: str, model_path: str
-) -> None:
-    """The sampler behind save_weights_and_get_sampling_client, created when its weights commit."""
-    if s.get(Sampler, sampler_id) is None:
-        s.add(
-            Sampler(
-                sampler_id=sampler_id,
-                session_id=session_id,
-                tenant=tenant,
-                base_model=base_model,
-                model_path=model_path,
-                created_at=db_now(s),
-            )
-        )
-        s.flush()
+    s: DbSession, *, sampler_id: str, session_id: str, tenant: str, base_model: str, model_path: str | None
+) -> Sampler:
+    """The sampler row, inserted unless it exists: for create_sampling_session (submit.py) and for
+    save_weights_and_get_sampling_client, whose sampler is created when its weights commit."""
+    existing = s.get(Sampler, sampler_id)
+    if existing is not None:
+        return existing
+    sampler = Sampler(
+        sampler_id=sampler_id,
+        session_id=session_id,
+        tenant=tenant,
+        base_model=base_model,
+        model_path=model_path,
+        created_at=db_now(s),
+    )
+    s.add(sampler)
+    s.flush()
+    return sampler
 
 
 def in_use(s: DbSession, storage_paths: list[str]) -> set[str]:

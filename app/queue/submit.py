@@ -22,6 +22,7 @@ from app.domain import ids
 from app.domain.errors import Conflict, NotFound, SessionFinished
 from app.domain.ops import MUTATING_KINDS, LoraConfig, SampleOp, canonical_bytes, op_sha256
 from app.domain.results import CreateModelResult, result_bytes
+from app.queue import checkpoints
 
 NEW_RUNS_QUEUE = "tuft.new"
 
@@ -251,17 +252,9 @@ def create_sampler(
         if existing.base_model != base_model or existing.model_path != model_path:
             raise Conflict(f"sampling_session_seq_id {sampling_session_seq_id} already names another sampler")
         return existing
-    sampler = Sampler(
-        sampler_id=sampler_id,
-        session_id=session_id,
-        tenant=tenant,
-        base_model=base_model,
-        model_path=model_path,
-        created_at=db_now(s),
+    return checkpoints.record_sampler(
+        s, sampler_id=sampler_id, session_id=session_id, tenant=tenant, base_model=base_model, model_path=model_path
     )
-    s.add(sampler)
-    s.flush()
-    return sampler
 
 
 def submit_sample(s: DbSession, sampler: Sampler, seq: int, op: SampleOp) -> Submitted:
