@@ -78,6 +78,35 @@ class FinishSessionRequest(WireModel):
     detail: str | None = None
 
 
+class SearchOwnerModel(WireModel):
+    type: Literal["own", "accessible", "user"] = "own"
+    owner_urns: list[str] = Field(default_factory=list)
+
+
+class SessionStatusQueryModel(WireModel):
+    # The SDK's four, plus TuFT's "expired" (docs/sessions.md).
+    type: Literal["active", "cancelled", "failed", "client_finished", "expired"]
+    reasons: list[str] | None = Field(None, min_length=1)
+
+
+class SessionSearchCursorModel(WireModel):
+    last_created_at: str  # ISO 8601 with an offset, as the SDK echoes next_cursor back
+    last_session_id: str
+
+
+class SessionSearchRequest(WireModel):
+    """`POST /sessions/search` (0.38, experimental, §5.2)."""
+
+    session_id: str | None = None
+    project_ids: list[str] | None = None
+    user_metadata: dict[str, str] = Field(default_factory=dict)
+    display_name: str | None = Field(None, min_length=1, max_length=200)
+    owner: SearchOwnerModel = Field(default_factory=SearchOwnerModel)
+    statuses: list[SessionStatusQueryModel] | None = Field(None, min_length=1)
+    limit: int = Field(50, ge=1, le=200)
+    cursor: SessionSearchCursorModel | None = None
+
+
 class TelemetryRequest(WireModel):
     """Accepted whatever its shape: telemetry failures must never reach users (§10)."""
 

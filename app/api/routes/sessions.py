@@ -1,7 +1,12 @@
-"""Sessions: create, heartbeat, finish, list, get; and the sampler lookup."""
+"""Sessions: create, heartbeat, finish, list, get, search; and the sampler lookup.
+
+A session whose client went quiet is reported `expired` but keeps working: its next heartbeat or
+request makes it active again (docs/sessions.md).
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,16 +16,21 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import State, Tenant, body_as
 from app.db.engine import db_now
 from app.db.models import Run, Sampler, Session
-from app.queue import submit
+from app.domain.errors import InvalidInput
+from app.queue import sessions, submit
 from app.wire.json_models import (
     CreateSessionRequest,
     FinishSessionRequest,
     ListQuery,
     SessionHeartbeatRequest,
+    SessionSearchRequest,
     parse_body,
 )
 
 router = APIRouter()
+# TuFT has no projects: every session of a tenant is in this one.
+PROJECT_ID = "default"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @router.post("/api/v1/create_session")
@@ -48,6 +58,7 @@ async def session_heartbeat(request: Request, state: State, tenant: Tenant) -> d
 
     def work() -> None:
         with state.db.write() as s:
+            # An expired session is revived by this write; only a finished one gets the 410.
             row = submit.get_session(s, tenant, req.session_id, live=True)
             row.last_heartbeat_at = db_now(s)
 
@@ -94,6 +105,7 @@ async def get_session(session_id: str, state: State, tenant: Tenant) -> dict[str
     def work() -> dict[str, Any]:
         with state.db.read() as s:
             row = submit.get_session(s, tenant, session_id)
+            session_state, last_active = sessions.session_state(s, session_id, state.settings.session_timeout_seconds)
             runs = s.execute(
                 select(Run.run_id).where(Run.session_id == session_id).order_by(Run.model_seq_id)
             ).scalars()
@@ -105,9 +117,91 @@ async def get_session(session_id: str, state: State, tenant: Tenant) -> dict[str
                 "sampler_ids": list(samplers),
                 "user_metadata": {k: str(v) for k, v in (row.user_metadata or {}).items()},
                 "display_name": row.display_name,
+                # TuFT's own fields; the SDK keeps unknown keys as extra attributes.
+                "tuft_state": session_state,
+                "last_active_at": _iso(last_active),
             }
 
     return await run_in_threadpool(work)
+
+
+@router.post("/api/v1/sessions/search")
+async def search_sessions(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    req = await body_as(request, SessionSearchRequest)
+    filters = _filters(req)
+    # Owners are tenants, and a tenant sees only its own sessions ("accessible" included).
+    if req.owner.type == "user" and tenant not in req.owner.owner_urns:
+        return {"sessions": []}
+
+    def work() -> tuple[list[sessions.SessionView], bool]:
+        with state.db.read() as s:
+            return sessions.search(s, tenant, filters, state.settings.session_timeout_seconds)
+
+    page, more = await run_in_threadpool(work)
+    body: dict[str, Any] = {"sessions": [_summary(v) for v in page]}
+    if more:
+        last = page[-1]
+        body["next_cursor"] = {"last_created_at": _from_micros(last.created_us), "last_session_id": last.session_id}
+    return body
+
+
+def _filters(req: SessionSearchRequest) -> sessions.SearchFilters:
+    unknown = sorted(set(req.project_ids or []) - {PROJECT_ID})
+    if unknown:
+        raise InvalidInput(f"unknown project(s) {unknown}: this server has one project per tenant, {PROJECT_ID!r}")
+    if req.owner.type == "user" and not 1 <= len(req.owner.owner_urns) <= 10:
+        raise InvalidInput("owner.owner_urns must list 1 to 10 owners")
+    after = None
+    if req.cursor is not None:
+        try:
+            when = datetime.fromisoformat(req.cursor.last_created_at)
+        except ValueError as exc:
+            raise InvalidInput(f"cursor.last_created_at is not an ISO 8601 time: {exc}") from exc
+        if when.tzinfo is None:
+            raise InvalidInput("cursor.last_created_at needs a UTC offset: pass next_cursor back unchanged")
+        after = ((when - _EPOCH) // timedelta(microseconds=1), req.cursor.last_session_id)
+    statuses = None
+    if req.statuses is not None:
+        statuses = tuple(sessions.StatusQuery(q.type, tuple(q.reasons) if q.reasons else None) for q in req.statuses)
+    return sessions.SearchFilters(
+        session_id=req.session_id,
+        display_name=req.display_name,
+        user_metadata=req.user_metadata,
+        statuses=statuses,
+        limit=req.limit,
+        after=after,
+    )
+
+
+def _summary(v: sessions.SessionView) -> dict[str, Any]:
+    """A SessionSummary. `status` follows the SDK's model, where an expired session is None
+    ("neither finished nor known to be running"); `tuft_state` names it."""
+    status: dict[str, Any] | None = None
+    if v.state == "finished":
+        status = {"type": "client_finished", "reason": {"type": v.finish_reason or "success"}}
+    elif v.state == "active":
+        status = {"type": "active"}
+    return {
+        "session_id": v.session_id,
+        "created_at": _from_micros(v.created_us),
+        "owner": v.tenant,
+        "project_id": PROJECT_ID,
+        "status": status,
+        "checkpoints_count": v.checkpoints_count,
+        "display_name": v.display_name,
+        "user_metadata": v.user_metadata,
+        "checkpoint_storage_bytes": v.checkpoint_bytes,
+        "tuft_state": v.state,
+        "last_active_at": _iso(v.last_active),
+    }
+
+
+def _from_micros(us: int) -> str:
+    return (_EPOCH + timedelta(microseconds=us)).isoformat()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 @router.get("/api/v1/samplers/{sampler_id:path}")
