@@ -63,7 +63,7 @@ def test_summary_fields_and_newest_first(api: Api) -> None:
     assert summary.checkpoints_count == 2 and summary.checkpoint_storage_bytes == 2
     assert summary.created_at.tzinfo is not None and summary.created_at <= page.sessions[0].created_at
     assert page.sessions[0].checkpoints_count == 0
-    # TuFT's own fields ride along as extra attributes.
+    # TuFT's own fields, for raw HTTP clients (the SDK's models drop unknown keys).
     raw = api.post("/api/v1/sessions/search", {"user_metadata": {"tag": tag}}).json()
     assert [s["tuft_state"] for s in raw["sessions"]] == ["active", "active"]
     assert all(s["last_active_at"].endswith("+00:00") for s in raw["sessions"])

@@ -117,7 +117,7 @@ async def get_session(session_id: str, state: State, tenant: Tenant) -> dict[str
                 "sampler_ids": list(samplers),
                 "user_metadata": {k: str(v) for k, v in (row.user_metadata or {}).items()},
                 "display_name": row.display_name,
-                # TuFT's own fields; the SDK keeps unknown keys as extra attributes.
+                # TuFT's own fields, for raw HTTP clients: the SDK's response models drop unknown keys.
                 "tuft_state": session_state,
                 "last_active_at": _iso(last_active),
             }
