@@ -3,8 +3,8 @@ future or checkpoint gets the 404 an unknown id of the same form gets (same stat
 category, and message once the id itself is masked), so ids are never confirmed; and A's objects
 are exactly as they were afterwards (read back from the database and the checkpoint directory).
 
-A published checkpoint (its row's `public` set directly: no endpoint publishes) may be read by B,
-never deleted by B, and does not make A's run visible to B.
+A published checkpoint (its row's `public` set directly here; the publish endpoint has its own tests in
+test_checkpoint_lifecycle.py) may be read by B, never deleted by B, and does not make A's run visible to B.
 """
 
 from __future__ import annotations
