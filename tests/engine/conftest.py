@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from app.domain.models import builtin_tiny_spec
+from tests.engine.helpers import DEVICE
 from workers.engine import TorchEngine
-
-# TUFT_TEST_DEVICE=cuda runs the engine suite on a GPU (bench/README.md says how).
-DEVICE = os.environ.get("TUFT_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -11,6 +12,19 @@ from app.domain.ops import Datum, ForwardBackwardOp, LoraConfig
 from app.domain.tensors import Array
 
 TINY = BUILTIN_TINY_MODEL
+
+# TUFT_TEST_DEVICE=cuda runs the engine suite on a GPU (docs/performance.md says how).
+DEVICE = os.environ.get("TUFT_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE != "cpu"
+
+
+def ref_tol(cpu: float) -> float:
+    """Absolute tolerance for a logprob compared with the float32 CPU reference model, or between
+    two differently batched computations. On a GPU the engine keeps base weights in bfloat16
+    (docs/configuration.md), whose logits carry about 3 significant digits: a logit near 10 is off
+    by up to ~0.04, so agreement there is 0.1 nats. A real bug (a shifted position, a wrong token,
+    a missing adapter) is off by whole nats, so the looser bound still catches it."""
+    return 0.1 if ON_GPU else cpu
 
 
 def datum(seq: Sequence[int], weights: Sequence[float] | None = None) -> Datum:

@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model_state_dict
 
 from app.domain.models import ModelSpec, builtin_tiny_spec
 from app.domain.ops import AdamParams, LoraConfig, OptimStepOp
-from tests.engine.helpers import TINY, datum, fb, lora, same_grads
+from tests.engine.helpers import TINY, datum, fb, lora, ref_tol, same_grads
 from workers.engine import OpInputError, TorchEngine, build_tiny_model, read_checkpoint_config
 
 SEQS = ([101, 57, 12, 7, 102, 55, 66], [9, 8, 7, 6, 5])
@@ -53,7 +53,7 @@ def test_saved_adapter_loads_in_plain_peft_with_same_logits(engine: TorchEngine,
         logits = model(torch.tensor([seq[:-1]])).logits[0].float()
     reference = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
     ours = engine.forward_backward("ck:peft", fb(datum(seq), forward_only=True)).outputs[0]["logprobs"]
-    torch.testing.assert_close(torch.tensor(ours.tolist()), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(ours.tolist()), reference, atol=ref_tol(1e-5), rtol=1e-5)
     # Trained, so the adapter really matters here.
     base = torch.log_softmax(build_tiny_model()(torch.tensor([seq[:-1]])).logits[0].float(), -1)
     assert not torch.allclose(base.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1), reference)

@@ -10,7 +10,7 @@ import torch
 from app.domain.ops import AdamParams, Datum, OptimStepOp
 from app.domain.results import ForwardBackwardResult
 from app.domain.tensors import Array
-from tests.engine.helpers import TINY, datum, fb, lora, same_grads
+from tests.engine.helpers import TINY, datum, fb, lora, ref_tol, same_grads
 from workers.engine import OpInputError, TorchEngine, build_tiny_model
 
 SEQ_A = [101, 57, 12, 7, 102, 55, 66]
@@ -37,8 +37,8 @@ def test_outputs_and_loss_are_weighted_sums(engine: TorchEngine) -> None:
     lp_a, lp_b = _logprobs(result)
     assert result.outputs[0]["logprobs"].dtype == "float32"
     assert result.outputs[0]["logprobs"].shape == (6,) and result.outputs[1]["logprobs"].shape == (3,)
-    torch.testing.assert_close(lp_a, _reference_logprobs(SEQ_A), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lp_b, _reference_logprobs(SEQ_B), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp_a, _reference_logprobs(SEQ_A), atol=ref_tol(1e-5), rtol=1e-5)
+    torch.testing.assert_close(lp_b, _reference_logprobs(SEQ_B), atol=ref_tol(1e-5), rtol=1e-5)
     expected = -(lp_a * torch.tensor(w_a)).sum() - (lp_b * torch.tensor(w_b)).sum()
     assert result.metrics.keys() == {"loss:sum"}
     assert result.metrics["loss:sum"] == pytest.approx(float(expected), rel=1e-5)

@@ -14,7 +14,7 @@ from app.domain.errors import InvalidInput
 from app.domain.ops import AdamParams, Datum, ForwardBackwardOp, OptimStepOp, resolve_loss_config
 from app.domain.results import ForwardBackwardResult
 from app.domain.tensors import Array
-from tests.engine.helpers import TINY, datum, fb, lora, same_grads
+from tests.engine.helpers import ON_GPU, TINY, datum, fb, lora, ref_tol, same_grads
 from workers.engine import OpInputError, TorchEngine
 from workers.engine import losses as engine_losses
 
@@ -93,7 +93,9 @@ def assert_grads_close(got: Mapping[str, torch.Tensor | None], want: Mapping[str
         assert g is not None and w is not None, key
         assert torch.isfinite(g).all(), key
         scale = max(float(w.abs().max()), 1e-12)
-        torch.testing.assert_close(g, w, atol=1e-4 * scale, rtol=1e-4)
+        # bfloat16 base weights on a GPU: differently batched sums agree to ~1e-3 of the scale.
+        tol = 1e-2 if ON_GPU else 1e-4
+        torch.testing.assert_close(g, w, atol=tol * scale, rtol=tol)
 
 
 def all_zero(grads: Mapping[str, torch.Tensor | None]) -> bool:
@@ -234,7 +236,7 @@ def test_micro_batching_does_not_change_the_result(engine: TorchEngine, monkeypa
     together = engine.forward_backward(run, rl_op("gspo", *data, config=config))
     monkeypatch.setattr(engine_losses, "MICRO_BATCH_TOKENS", 8)  # one datum per micro-batch
     apart = engine.forward_backward(twin, rl_op("gspo", *data, config=config))
-    assert apart.metrics == pytest.approx(together.metrics, rel=1e-5)
+    assert apart.metrics == pytest.approx(together.metrics, rel=1e-5, abs=ref_tol(0.0))
     assert_grads_close(engine.adapter_grads(twin), engine.adapter_grads(run))
 
 

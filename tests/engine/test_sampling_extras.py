@@ -13,7 +13,7 @@ from app.domain.ops import SampleOp, SamplingParams
 from app.domain.results import SampleResult, TokenTable
 from app.domain.sampling import PromptGrid
 from app.domain.tensors import Array
-from tests.engine.helpers import TINY
+from tests.engine.helpers import ON_GPU, TINY, ref_tol
 from workers.engine import OpInputError, TorchEngine, build_tiny_model
 
 PROMPT = (9707, 1879, 0, 220, 3838, 374, 279)  # "Hello world! What is the"
@@ -68,15 +68,19 @@ def test_topk_sample_logprobs_match_a_full_forward(engine: TorchEngine, full_log
         for i, token in enumerate(seq.tokens):
             assert lps[i] == sorted(lps[i], reverse=True)
             top = torch.topk(reference[P - 1 + i], k)
-            assert lps[i] == pytest.approx(top.values.tolist(), abs=1e-4)
-            assert set(ids[i]) == set(top.indices.tolist())
+            assert lps[i] == pytest.approx(top.values.tolist(), abs=ref_tol(1e-4))
+            if not ON_GPU:  # bfloat16 logits tie often, so which of the tied ids make the top-k varies
+                assert set(ids[i]) == set(top.indices.tolist())
             if token in ids[i]:
                 in_top += 1
                 # The very number reported as the sampled token's logprob.
                 assert lps[i][ids[i].index(token)] == seq.logprobs[i]
             else:
                 assert seq.logprobs[i] <= lps[i][-1]
-    assert in_top > 0
+    if not ON_GPU:
+        # Both branches ran: with this seed some sampled tokens are in the top-k on the CPU. Which
+        # ones depends on the device's random stream; greedy decoding (next test) is exact anywhere.
+        assert in_top > 0
 
 
 def test_greedy_token_heads_its_top_k(engine: TorchEngine) -> None:
@@ -150,7 +154,7 @@ def test_dense_target_logprobs(engine: TorchEngine, full_logprobs: FullLogprobs)
             if token == -1:
                 assert value == 0.0
             else:
-                assert value == pytest.approx(float(reference[r, token]), abs=1e-4)
+                assert value == pytest.approx(float(reference[r, token]), abs=ref_tol(1e-4))
         if row[0] != -1:
             # Column 0 names the prompt's own next token: the prompt logprob at position r + 1.
             assert values[r * 3] == pytest.approx(result.prompt_logprobs[r + 1], abs=1e-6)
@@ -169,7 +173,8 @@ def test_sparse_target_logprobs_keep_the_layout(engine: TorchEngine, full_logpro
     assert got is not None
     assert (got.shape, got.crow_indices, got.col_indices) == (grid.shape, grid.crow_indices, grid.col_indices)
     reference = full_logprobs(PROMPT)
-    assert got.values.tolist() == pytest.approx([float(reference[1, 42]), float(reference[P - 2, 4242])], abs=1e-4)
+    want = [float(reference[1, 42]), float(reference[P - 2, 4242])]
+    assert got.values.tolist() == pytest.approx(want, abs=ref_tol(1e-4))
 
 
 # prompt_alt_tokens_k
@@ -190,7 +195,7 @@ def test_alt_tokens_are_seeded_draws_with_model_logprobs(engine: TorchEngine, fu
     reference = full_logprobs(PROMPT)
     for r in range(P - 1):
         assert all(0 <= t < TOKENIZER_IDS for t in ids[r])
-        assert lps[r] == pytest.approx([float(reference[r, t]) for t in ids[r]], abs=1e-4)
+        assert lps[r] == pytest.approx([float(reference[r, t]) for t in ids[r]], abs=ref_tol(1e-4))
 
 
 def test_alt_tokens_at_temperature_zero_are_the_argmax(engine: TorchEngine, full_logprobs: FullLogprobs) -> None:
