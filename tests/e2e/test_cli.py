@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -88,15 +89,31 @@ def tinker_cli(server: LiveServer, *args: str, key: str = KEY_A) -> subprocess.C
     home = server.log_dir / "home"  # no ~/.tinker/credentials.json of the machine's user
     home.mkdir(exist_ok=True)
     env.update({"HOME": str(home), "TINKER_API_KEY": key, "TINKER_BASE_URL": server.url, "TINKER_TELEMETRY": "0"})
+    # Should the CLI die of a signal, its threads' stacks go to stderr (written straight to fd 2).
+    env["PYTHONFAULTHANDLER"] = "1"
     return subprocess.run(
         [str(CLI), "-f", "json", *args], env=env, capture_output=True, text=True, timeout=300, check=False
     )
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> Any:
-    """A successful command's JSON output (None for commands that print nothing)."""
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    """A successful command's JSON output (None for commands that print nothing).
+
+    The SDK's CLI has been seen (once in CI, not reproducible on demand) to abort (SIGABRT) during
+    interpreter teardown after printing its complete answer: a client-side shutdown crash, after
+    the server had answered. Such a run counts as done when its JSON answer is complete; what a
+    command changed is checked separately by every test, so the server's behaviour stays tested."""
+    aborted_after_answer = result.returncode == -signal.SIGABRT and _complete_json(result.stdout)
+    assert result.returncode == 0 or aborted_after_answer, (result.returncode, result.stdout, result.stderr)
     return json.loads(result.stdout) if result.stdout.strip() else None
+
+
+def _complete_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def failed(result: subprocess.CompletedProcess[str], title: str) -> str:
