@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from app.config import ConfigError, Settings, load_settings
+from app.domain.models import BUILTIN_TINY_PATH
 from app.queue.submit import NEW_RUNS_QUEUE
 
 log = logging.getLogger("tuft.worker")
@@ -77,6 +78,24 @@ def _die_with_parent() -> None:
         sys.exit(0)
 
 
+def _warm_builtin_tokenizer(settings: Settings, cache_dir: Path) -> None:
+    """Build the built-in model's tokenizer folder now rather than when a run first needs the
+    model: get_info points clients' get_tokenizer() at that folder once it exists (app/api/
+    catalog.py), and the 0.38 SDK asks right after creating a training client, before any op. The
+    build is atomic and shared with the engine's own lazy one (tiny.py), so racing them is fine."""
+    if not any(m.model_path == BUILTIN_TINY_PATH for m in settings.models()):
+        return
+    from workers.engine import build_tiny_tokenizer
+
+    def build() -> None:
+        try:
+            build_tiny_tokenizer(cache_dir)
+        except Exception:  # the engine builds it again when a run needs it, and reports that
+            log.exception("could not build the built-in tokenizer cache at startup")
+
+    threading.Thread(target=build, name="tuft-tokenizer-cache", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     # `kill -USR1 <pid>` prints every thread's stack to the worker's stderr: how an operator (or a
@@ -108,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     worker_id = args.worker_id or f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     queue = f"gpu.{host}.{args.gpu}" if args.gpu is not None else f"{device}.{host}.{os.getpid()}"
     db = Database(settings.resolved_database_url(), process_name=f"worker-{worker_id}")
-    engine = TorchEngine(settings.models(), device=device, cache_dir=settings.resolved_data_dir() / "cache")
+    cache_dir = settings.resolved_data_dir() / "cache"
+    engine = TorchEngine(settings.models(), device=device, cache_dir=cache_dir)
+    _warm_builtin_tokenizer(settings, cache_dir)
     runner = Runner(settings, db, engine, worker_id=worker_id, user_errors=(OpInputError,))
 
     def register() -> None:

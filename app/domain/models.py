@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 BUILTIN_TINY_MODEL = "tuft/tiny-qwen3"
+BUILTIN_TINY_PATH = "builtin:tiny-qwen3"
 # Qwen3's padded vocabulary size: the Qwen BPE has 151,643 ranks + 208 special tokens, and the
 # embedding matrix is padded to a multiple of 128.
 TINY_VOCAB_SIZE = 151_936
@@ -31,7 +32,7 @@ class ModelSpec(BaseModel):
 def builtin_tiny_spec() -> ModelSpec:
     return ModelSpec(
         model_name=BUILTIN_TINY_MODEL,
-        model_path="builtin:tiny-qwen3",
+        model_path=BUILTIN_TINY_PATH,
         max_model_len=TINY_MAX_MODEL_LEN,
         vocab_size=TINY_VOCAB_SIZE,
     )

@@ -10,11 +10,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from app.domain.models import TINY_VOCAB_SIZE, ModelSpec
+from app.domain.models import BUILTIN_TINY_PATH, TINY_VOCAB_SIZE, ModelSpec
 from workers.engine.errors import OpInputError
 from workers.engine.tiny import build_tiny_model, build_tiny_tokenizer
-
-BUILTIN_TINY_PATH = "builtin:tiny-qwen3"
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

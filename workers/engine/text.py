@@ -16,11 +16,10 @@ from typing import Protocol
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from app.domain.models import ModelSpec
+from app.domain.models import BUILTIN_TINY_PATH, ModelSpec
 from app.domain.oai import ChatMessage, OaiChoice, OaiCompletionOp, OaiCompletionResult
 from app.domain.ops import SampleOp, SamplingParams
 from app.domain.results import SampledSequence, SampleResult
-from workers.engine.base_models import BUILTIN_TINY_PATH
 from workers.engine.errors import OpInputError
 from workers.engine.tiny import build_tiny_tokenizer
 
