@@ -3,6 +3,7 @@ active at a time, and another takes over within a TTL if that process dies."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,7 +31,11 @@ def remove_checkpoint_files(db: Database, checkpoint_dir: Path, storage_paths: l
     removed = 0
     for rel in storage_paths:
         if rel not in keep:
-            shutil.rmtree(checkpoint_dir / rel, ignore_errors=True)
+            folder = checkpoint_dir / rel
+            shutil.rmtree(folder, ignore_errors=True)
+            # The name's folder too, once its last save is gone (fails harmlessly if one remains).
+            with contextlib.suppress(OSError):
+                folder.parent.rmdir()
             removed += 1
     return removed
 

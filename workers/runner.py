@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,8 @@ class Runner:
         # Monotonic time of the last successful lease renewal (set by the heartbeat thread).
         self.last_renewal = time.monotonic()
         self.fenced_commits = 0
+        # File work that may only happen once the current op's commit has landed.
+        self._after_commit: list[Callable[[], None]] = []
 
     # ---- loop ------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -167,6 +170,7 @@ class Runner:
         domain_op = parse_op(op.payload)
         steps_before = self.engine.optimizer_steps(op.run_id)
         extra: Callable[[DbSession], None] | None = None
+        self._after_commit = []
         try:
             fault(f"before_engine_{op.kind}")
             result, extra = self._execute(op, domain_op)
@@ -210,6 +214,9 @@ class Runner:
             outcome, extra = Outcome(error_message=str(exc), error_category="user"), None
             self._commit(_write)
         fault(f"after_commit_{op.kind}")
+        if not outcome.failed:
+            for cleanup in self._after_commit:
+                cleanup()
         if self.engine.has_run(op.run_id):
             self.states.advance(op.run_id, op.epoch, op.seq)
             if not outcome.failed:
@@ -240,7 +247,7 @@ class Runner:
                 raise UserError(
                     f"checkpoint {name!r} already exists for {op.run_id}; pass overwrite=True to replace it"
                 )
-        storage = checkpoints.storage_path_for(op.run_id, save.checkpoint_kind, name)
+        storage = checkpoints.storage_path_for(op.run_id, save.checkpoint_kind, name, op.request_id)
         path = ids.checkpoint_path(op.run_id, save.checkpoint_kind, name)
         manifest = {
             "tinker_path": path,
@@ -264,7 +271,22 @@ class Runner:
         if save.name is None and save.sampling_session_seq_id is not None:
             sampler_id = ids.sampler_id_for(session_id, save.sampling_session_seq_id)
 
+        # The folder of the row this save replaces (overwritten, or expired and not yet swept),
+        # read in the committing transaction; removed once that commit has landed. A crash in
+        # between leaves an orphan folder, never a row without files.
+        replaced: list[Path] = []
+
+        def _remove_replaced() -> None:
+            for folder in replaced:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        self._after_commit.append(_remove_replaced)
+
         def _register(s: DbSession) -> None:
+            replaced.clear()  # a retried commit reads it again
+            previous = checkpoints.find(s, op.run_id, save.checkpoint_kind, name, expired=True)
+            if previous is not None and previous.storage_path != files.storage_path:
+                replaced.append(self.checkpoint_dir / previous.storage_path)
             checkpoints.record(
                 s,
                 tenant=tenant,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, or_, select
@@ -17,10 +18,16 @@ from app.domain.ops import MAX_TTL_SECONDS
 # and scripts use short ones) up to the same ceiling.
 
 
-def storage_path_for(run_id: str, kind: str, name: str) -> str:
-    """Relative directory of a checkpoint. Run ids are `<session>:train:<n>`; ':' is replaced so
-    the tree stays portable to filesystems that refuse it (names are validated, ids.py)."""
-    return f"{run_id.replace(':', '_')}/{kind}/{name}"
+def storage_path_for(run_id: str, kind: str, name: str, made_by: str) -> str:
+    """Relative directory of a checkpoint: `<run>/<kind>/<name>/<tag of the op that made it>`.
+
+    Each save gets a folder of its own, so removing the files of a deleted, expired or replaced
+    checkpoint can never touch those of a newer checkpoint saved under the same name meanwhile;
+    a retried save (the same op) writes the same folder again. Run ids are `<session>:train:<n>`;
+    ':' is replaced so the tree stays portable to filesystems that refuse it (names are validated,
+    ids.py)."""
+    tag = hashlib.sha256(made_by.encode()).hexdigest()[:16]
+    return f"{run_id.replace(':', '_')}/{kind}/{name}/{tag}"
 
 
 def _live(now: float) -> ColumnElement[bool]:

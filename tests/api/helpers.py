@@ -271,7 +271,7 @@ def record_checkpoint(
             run_id=model_id,
             kind=kind,
             name=name,
-            storage_path=checkpoints.storage_path_for(model_id, kind, name),
+            storage_path=checkpoints.storage_path_for(model_id, kind, name, f"req-test-{name}"),
             base_model=run.base_model,
             lora_config=dict(run.lora_config),
             with_optimizer=with_optimizer,

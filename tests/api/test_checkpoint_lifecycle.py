@@ -45,6 +45,7 @@ def make(
     metadata: dict[str, str] | None = None,
 ) -> str:
     """Record a checkpoint and write its files as a worker would; returns its tinker:// path."""
+    request_id = f"req-test-{uuid.uuid4().hex[:8]}"
     with api.db.write() as s:
         run = s.get(Run, model_id)
         assert run is not None
@@ -54,7 +55,7 @@ def make(
             run_id=model_id,
             kind=kind,
             name=name,
-            storage_path=checkpoints.storage_path_for(model_id, kind, name),
+            storage_path=checkpoints.storage_path_for(model_id, kind, name, request_id),
             base_model=run.base_model,
             lora_config=dict(run.lora_config),
             with_optimizer=kind == "training",
@@ -62,7 +63,7 @@ def make(
             size_bytes=7,
             user_metadata=metadata,
             ttl_seconds=ttl,
-            request_id=f"req-test-{uuid.uuid4().hex[:8]}",
+            request_id=request_id,
             overwrite=False,
         )
         folder = api.settings.resolved_checkpoint_dir() / row.storage_path
@@ -80,9 +81,14 @@ def row(api: Api, path: str) -> Checkpoint | None:
 
 
 def folder(api: Api, path: str) -> Path:
+    """The checkpoint's files: its row's folder; once the row is gone, the name's folder, which
+    must be gone too (every save has its own folder under `<run>/<kind>/<name>/`)."""
+    found = row(api, path)
+    if found is not None:
+        return api.settings.resolved_checkpoint_dir() / found.storage_path
     run_id, segment, name = path.removeprefix("tinker://").split("/")
     kind = {v: k for k, v in SEGMENT.items()}[segment]
-    return api.settings.resolved_checkpoint_dir() / checkpoints.storage_path_for(run_id, kind, name)
+    return api.settings.resolved_checkpoint_dir() / run_id.replace(":", "_") / kind / name
 
 
 def url(path: str, suffix: str = "") -> str:
@@ -554,7 +560,7 @@ def test_expire_checkpoints_deletes_only_expired_rows_and_keeps_reused_folders(d
                 run_id=run_id,
                 kind="training",
                 name=name,
-                storage_path=checkpoints.storage_path_for(run_id, "training", name),
+                storage_path=checkpoints.storage_path_for(run_id, "training", name, request_id),
                 base_model="m",
                 lora_config={"rank": 2},
                 with_optimizer=True,
@@ -577,9 +583,11 @@ def test_expire_checkpoints_deletes_only_expired_rows_and_keeps_reused_folders(d
     assert report.expired_checkpoints == [old]
     with db.read() as s:
         assert {c.name for c in s.execute(select(Checkpoint)).scalars()} == {"fresh"}
-    # The name is saved anew before the files go: the new checkpoint's folder stays.
-    assert rec("old", None, "r3") == old
-    assert remove_checkpoint_files(db, tmp_path, [old]) == 0
-    assert (tmp_path / old).is_dir() and (tmp_path / fresh).is_dir()
+    # The name is saved anew before the files go: the new save has a folder of its own, so
+    # removing the expired checkpoint's files cannot touch it.
+    new = rec("old", None, "r3")
+    assert new != old and new.rsplit("/", 1)[0] == old.rsplit("/", 1)[0]
+    assert remove_checkpoint_files(db, tmp_path, [old]) == 1
+    assert not (tmp_path / old).exists() and (tmp_path / new).is_dir() and (tmp_path / fresh).is_dir()
     with db.write() as s:
         assert sweep(s, lease_ttl=15, result_retention=0).expired_checkpoints == []

@@ -39,7 +39,8 @@ ADAPTER_CONFIG = {"peft_type": "LORA", "r": 8, "base_model_name_or_path": "tuft/
 
 def _save(api: Api, model_id: str, kind: str, name: str, *, request_id: str | None = None) -> str:
     """Record a checkpoint row and write its folder; returns the REST URL prefix of the checkpoint."""
-    storage = checkpoints.storage_path_for(model_id, kind, name)
+    request_id = request_id or f"req-test-{name}"
+    storage = checkpoints.storage_path_for(model_id, kind, name, request_id)
     folder = api.settings.resolved_checkpoint_dir() / storage
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG))
@@ -64,7 +65,7 @@ def _save(api: Api, model_id: str, kind: str, name: str, *, request_id: str | No
             size_bytes=len(WEIGHTS),
             user_metadata=None,
             ttl_seconds=None,
-            request_id=request_id or f"req-test-{name}",
+            request_id=request_id,
             overwrite=True,
         )
     return f"/api/v1/training_runs/{model_id}/checkpoints/{SEGMENT[kind]}/{name}"
@@ -291,7 +292,10 @@ def test_checkpoint_files_gone_from_disk_is_404(api: Api) -> None:
     model_id = api.model()
     prefix = _save(api, model_id, "external", "vanished")
     url = _urls(api, prefix)["urls"]["tuft_run.json"]
-    folder = api.settings.resolved_checkpoint_dir() / checkpoints.storage_path_for(model_id, "external", "vanished")
+    with api.db.read() as s:
+        saved = checkpoints.find(s, model_id, "external", "vanished")
+        assert saved is not None
+        folder = api.settings.resolved_checkpoint_dir() / saved.storage_path
     (folder / "tuft_run.json").unlink()
     assert_error(_fetch(api, url), 404, error="not_found")
 

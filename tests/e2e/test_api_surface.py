@@ -63,8 +63,8 @@ def test_rest_listings_and_checkpoint_lifecycle(embedded_server: LiveServer) -> 
     assert rest.get_session(session_id).result(timeout=30).training_run_ids == [training.model_id]
 
     def sampler_folders() -> list[Path]:
-        # Storage layout: checkpoints/<run id with ':' replaced>/<kind>/<name> (app/queue/checkpoints.py).
-        return list(embedded_server.data_dir.glob("checkpoints/*/sampler/w1"))
+        # Storage layout: checkpoints/<run id, ':' replaced>/<kind>/<name>/<save> (app/queue/checkpoints.py).
+        return list(embedded_server.data_dir.glob("checkpoints/*/sampler/w1/*/adapter_model.safetensors"))
 
     assert sampler_folders(), "the sampler checkpoint's files should exist before the delete"
     rest.delete_checkpoint_from_tinker_path(sampler.path).result(timeout=30)
@@ -75,6 +75,24 @@ def test_rest_listings_and_checkpoint_lifecycle(embedded_server: LiveServer) -> 
         resolved(client.create_sampling_client(model_path=sampler.path)).sample(
             prompt=types.ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=types.SamplingParams(max_tokens=2)
         ).result(timeout=30)
+
+    # Overwrite: the new save gets a folder of its own; the replaced one goes once the new row has
+    # committed, so exactly one set of files remains, and it is the new one.
+    def state_folders() -> list[Path]:
+        return list(embedded_server.data_dir.glob("checkpoints/*/training/s1/*"))
+
+    (first,) = state_folders()
+    with pytest.raises(Exception, match="already exists"):
+        training.save_state("s1").result(timeout=60)
+    assert state_folders() == [first]
+    _train(training, 1)
+    again = training.save_state("s1", overwrite=True).result(timeout=60)
+    assert again.path == state.path
+    (second,) = state_folders()
+    assert second != first and (second / "manifest.json").exists()
+    assert [c.tinker_path for c in rest.list_checkpoints(training.model_id).result(timeout=30).checkpoints] == [
+        state.path
+    ]
 
 
 def test_load_state_both_forms_restore_weights_and_optimizer(embedded_server: LiveServer) -> None:

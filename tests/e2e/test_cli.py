@@ -210,15 +210,17 @@ def test_publish_ttl_unpublish_delete(server: LiveServer) -> None:
         rest_b.get_weights_info_by_tinker_path(own.state).result(timeout=30)
 
     missing = own.state.replace("/weights/keep", "/weights/never-saved")
+    # Files are stored per kind and name, one folder per save: checkpoints/<run>/<kind>/<name>/<save>.
+    assert list(server.data_dir.glob("checkpoints/*/sampler/gone/*/adapter_model.safetensors"))
     result = ok(tinker_cli(server, "checkpoint", "delete", "--yes", own.sampler, missing))
     assert result["deleted_count"] == 1
     assert [f["tinker_path"] for f in result["failed"]] == [missing]
     assert "not found" in result["failed"][0]["error"]
     listed = rest(server).list_checkpoints(own.model_id).result(timeout=30).checkpoints
     assert [c.tinker_path for c in listed] == [own.state]
-    # Files are stored per kind (training/, sampler/): the deleted folder is gone, the other stays.
+    # The deleted checkpoint's folder is gone, its name's folder with it; the other stays.
     assert not list(server.data_dir.glob("checkpoints/*/sampler/gone"))
-    assert list(server.data_dir.glob("checkpoints/*/training/keep/*"))
+    assert list(server.data_dir.glob("checkpoints/*/training/keep/*/adapter_model.safetensors"))
 
 
 def test_copy_weights_through_the_sdk(server: LiveServer) -> None:

@@ -85,7 +85,10 @@ def _assert_peft_adapter(folder: Path, server_copy: Path) -> None:
 
 
 def _server_folder(server: LiveServer, run_id: str, kind: str, name: str) -> Path:
-    return server.data_dir / "checkpoints" / run_id.replace(":", "_") / kind / name
+    """The one save of that checkpoint: checkpoints/<run>/<kind>/<name>/<save>."""
+    saves = list((server.data_dir / "checkpoints" / run_id.replace(":", "_") / kind / name).iterdir())
+    assert len(saves) == 1, saves
+    return saves[0]
 
 
 @only_038

@@ -143,7 +143,7 @@ def _copy(state: AppState, tenant: str, req: CopyWeightsRequest, source: TinkerP
             submit.get_session(s, tenant, session_id)
         if s.get(Run, run_id) is not None:
             raise taken
-    storage = checkpoints.storage_path_for(run_id, src.kind, src.name)
+    storage = checkpoints.storage_path_for(run_id, src.kind, src.name, f"copy:{tenant}:{token}")
     root = state.settings.resolved_checkpoint_dir()
     stamp = {"tinker_path": f"tinker://{run_id}/{SEGMENT[src.kind]}/{src.name}", "run_id": run_id}
     _copy_files(root / src.storage_path, root / storage, {**stamp, "copied_from": str(source)})
