@@ -171,11 +171,19 @@ def _wakeup_for_run(s: DbSession, run: Run) -> Wakeup:
     return Wakeup(NEW_RUNS_QUEUE, run.run_id)
 
 
-def _insert_or_dedupe(s: DbSession, op_row: Op, key_filter: list[object], what: str) -> str:
+def _insert_or_dedupe(s: DbSession, op_row: Op, key_filter: list[object], what: str, session_id: str) -> str:
     """Insert op_row; if its unique key is taken, return the existing request_id when the stored
-    body is identical (a client retry), raise Conflict otherwise."""
+    body is identical (a client retry), raise Conflict otherwise. A finished session takes no new
+    ops (the SDK's close(): "further operations against it will be rejected"); a retry of one it
+    recorded before finishing is still answered."""
     existing = s.execute(select(Op).where(*key_filter)).scalar_one_or_none()  # type: ignore[arg-type]
     if existing is None:
+        session = s.get(Session, session_id)
+        if session is not None and session.finished_at is not None:
+            raise SessionFinished(
+                f"session {session_id!r} was finished ({session.finish_reason}) and takes no new requests; "
+                "start a new session (e.g. create_training_client_from_state from a saved checkpoint)"
+            )
         try:
             with s.begin_nested():
                 s.add(op_row)
@@ -231,7 +239,9 @@ def submit_run_op(
         created_at=now,
         finished_at=now if rejected else None,
     )
-    request_id = _insert_or_dedupe(s, row, [Op.run_id == run.run_id, Op.seq == seq], f"seq_id {seq} of {run.run_id}")
+    request_id = _insert_or_dedupe(
+        s, row, [Op.run_id == run.run_id, Op.seq == seq], f"seq_id {seq} of {run.run_id}", run.session_id
+    )
     run.last_request_at = now
     return Submitted(request_id, _wakeup_for_run(s, run))
 
@@ -277,5 +287,6 @@ def submit_sample(s: DbSession, sampler: Sampler, seq: int, op: SampleOp) -> Sub
         row,
         [Op.sampler_id == sampler.sampler_id, Op.sampler_seq == seq],
         f"seq_id {seq} of sampler {sampler.sampler_id}",
+        sampler.session_id,
     )
     return Submitted(request_id, Wakeup(NEW_RUNS_QUEUE, None))

@@ -142,6 +142,41 @@ def test_finishing_an_expired_session_ends_it_for_good(api: Api) -> None:
     assert _state(api, session_id) == "finished"
 
 
+def test_a_finished_session_takes_no_new_ops_but_answers_retries(api: Api) -> None:
+    """After finish (the SDK's close()), "further operations are rejected": new training ops and
+    samples get 410; a retry of an op recorded before the finish still gets its future."""
+    session_id = api.session()
+    model_id = api.create_model(session_id).json()["model_id"]
+    body = {"session_id": session_id, "sampling_session_seq_id": 0, "base_model": BASE_MODEL}
+    sampler_id = api.post("/api/v1/create_sampling_session", body).json()["sampling_session_id"]
+    optim = {"model_id": model_id, "seq_id": 1, "adam_params": adam(), "type": "optim_step"}
+    recorded = api.accepted(api.post("/api/v1/optim_step", optim))
+    sample = {
+        "sampling_session_id": sampler_id,
+        "seq_id": 0,
+        "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+        "sampling_params": {"max_tokens": 2},
+    }
+    sampled = api.accepted(api.post("/api/v1/asample", sample))
+    assert api.post(f"/api/v1/sessions/{session_id}/finish", {"reason": {"type": "success"}}).status_code == 200
+
+    # Retries of what was recorded: the same futures.
+    assert api.accepted(api.post("/api/v1/optim_step", optim)) == recorded
+    assert api.accepted(api.post("/api/v1/asample", sample)) == sampled
+    # Anything new: 410, and nothing is written.
+    err = assert_error(api.post("/api/v1/optim_step", {**optim, "seq_id": 2}), 410, error="session_finished")
+    assert "was finished" in err["message"]
+    assert_error(api.post_proto(fb_body(model_id, 2)), 410, error="session_finished")
+    assert_error(api.post("/api/v1/asample", {**sample, "seq_id": 1}), 410, error="session_finished")
+    with api.db.read() as s:
+        seqs = s.execute(select(Op.seq).where(Op.run_id == model_id)).scalars().all()
+        assert sorted(seqs, key=lambda q: -1 if q is None else q) == [None, 1]  # create_model, optim_step
+        assert len(s.execute(select(Op.request_id).where(Op.sampler_id == sampler_id)).all()) == 1
+    # Its futures still answer.
+    api.pending_future(recorded)
+
+
 def test_timeout_must_exceed_the_sdk_heartbeat_period(tmp_path: Path) -> None:
     from app.config import ConfigError, load_settings
 
