@@ -69,11 +69,16 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     with_optimizer = op.checkpoint_kind == "training"
-    size = engine.save_run(run_id, tmp, with_optimizer)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    _fsync_dir(tmp)
+    try:
+        size = engine.save_run(run_id, tmp, with_optimizer)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _fsync_dir(tmp)
+    except BaseException:
+        # A full disk or a failed export: leave no half-written folder to fill the disk further.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
-        # Overwrite, or a replay of this very save after a crash: the new files replace the old.
+        # A replay of this very save after a crash (each save has a folder of its own): redo it.
         trash = final.parent / f".{final.name}.old-{request_id}"
         shutil.rmtree(trash, ignore_errors=True)
         final.rename(trash)

@@ -290,8 +290,9 @@ def record_sampler(
 
 
 def in_use(s: DbSession, storage_paths: list[str]) -> set[str]:
-    """Those of `storage_paths` a row names again (the name was saved anew since the old row
-    went): their files belong to the new checkpoint and must stay."""
+    """Those of `storage_paths` a row still names: their files must stay. Each save has its own
+    folder, so this only matters for rows written before that layout, whose re-saves reused the
+    name's folder."""
     if not storage_paths:
         return set()
     return set(s.execute(select(Checkpoint.storage_path).where(Checkpoint.storage_path.in_(storage_paths))).scalars())
