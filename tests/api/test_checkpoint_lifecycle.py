@@ -392,9 +392,10 @@ def test_copy_own_checkpoint(api: Api) -> None:
     shown = entry(api, dest)
     assert shown is not None and shown["user_metadata"] == {"k": "v"} and shown["public"] is False
     assert shown["expires_at"] is not None and entry(api, other)["expires_at"] is None  # type: ignore[index]
-    # The copy is readable like any checkpoint, and its run cannot be trained.
+    # The copy is readable like any checkpoint, and its run cannot be trained: it lives in a
+    # finished session of its own, which takes no new ops.
     assert api.post("/api/v1/weights_info", {"tinker_path": dest}).json()["lora_rank"] == 8
-    assert "cancelled" in api.failed_future(api.accepted(api.post_proto(fb_body(parsed.training_run_id, 1))))
+    assert_error(api.post_proto(fb_body(parsed.training_run_id, 1)), 410, error="session_finished")
     # Deleting the source leaves the copy whole.
     assert call(api, "DELETE", url(source)).status_code == 200
     assert (folder(api, dest) / "adapter_model.safetensors").exists()
@@ -410,6 +411,9 @@ def test_copy_into_a_session_slot(api: Api) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["tinker_path"] == f"tinker://{session}:train:5/sampler_weights/slot-src"
     assert copy(api, source, idem=key, session_id=session, model_seq_id=5).json() == r.json()
+    # In the caller's live session the copy's run is cancelled: an op on it fails, saying so.
+    run_id = f"{session}:train:5"
+    assert "cancelled" in api.failed_future(api.accepted(api.post_proto(fb_body(run_id, 1))))
     # The slot is taken now: another copy there is refused (400, not a retried 409).
     assert_error(copy(api, source, idem=str(uuid.uuid4()), session_id=session, model_seq_id=5), 400, contains="5")
     # A slot of a run that exists already, and half a slot, are refused too.
