@@ -25,6 +25,7 @@ from app.domain.results import result_bytes
 from app.queue import snapshots
 from app.snapshot_manifest import verify
 from workers.execute import Engine, apply_mutation
+from workers.faults import fault
 from workers.snapshots import SnapshotWriter
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class RunStates:
                 .order_by(Op.seq)
             ).all()
         for seq, payload, stored in history:
+            fault("replay_op")  # a crash while rebuilding: the next owner rebuilds from scratch again
             try:
                 result = apply_mutation(self.engine, run_id, parse_op(payload), self.resolve_dir)
             except Exception:

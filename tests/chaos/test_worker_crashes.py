@@ -35,6 +35,9 @@ EMBEDDED_POINTS = [
     "after_engine_optim_step:exit:4,after_engine_save_weights:exit:0",
     # The second snapshot's files are written and fsynced but not renamed into place.
     "snapshot_before_rename:exit:1",
+    # optim_step computed, not committed (seq 10); the restarted worker, rebuilding the run from
+    # the last snapshot, dies again on the first op it replays; the next one rebuilds once more.
+    "after_engine_optim_step:exit:4,replay_op:exit:0",
 ]
 
 
