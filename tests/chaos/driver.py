@@ -14,6 +14,7 @@ import tinker
 from tinker import types
 
 from tests.chaos.harness import API_KEY
+from tests.e2e.test_training import memorise_datum
 
 BASE_MODEL = "tuft/tiny-qwen3"
 RANK = 4
@@ -21,21 +22,6 @@ SEED = 7
 LEARNING_RATE = 1e-2
 CHECKPOINT_NAME = "final"
 RESULT_TIMEOUT = 180.0
-
-PROMPT = [101, 57, 12, 7, 102]
-CONTINUATION = [1000, 2000, 3000, 4000]
-
-
-def training_datum() -> types.Datum:
-    tokens = PROMPT + CONTINUATION
-    weights = [0.0] * (len(PROMPT) - 1) + [1.0] * len(CONTINUATION)
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[len(tokens) - 1]),
-            "weights": types.TensorData(data=weights, dtype="float32", shape=[len(weights)]),
-        },
-    )
 
 
 @dataclass
@@ -90,7 +76,7 @@ class Driver(threading.Thread):
         )
         self.model_id = training.model_id
         self.created.set()
-        datum = training_datum()
+        datum = memorise_datum()  # the e2e suite's: one sequence, weight on its last 4 tokens
         futures: list[tuple[str, Any]] = []
         for _ in range(self.iterations):
             futures.append(("forward_backward", training.forward_backward([datum], "cross_entropy")))

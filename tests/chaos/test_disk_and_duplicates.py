@@ -24,8 +24,9 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from tests.chaos.checker import Reference, check
 from tests.chaos.conftest import ITERATIONS
-from tests.chaos.driver import LEARNING_RATE, Driver, training_datum
+from tests.chaos.driver import LEARNING_RATE, Driver
 from tests.chaos.harness import API_KEY, REDIS_URL, Cluster, wait_for
+from tests.e2e.test_training import memorise_datum
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
 
@@ -89,7 +90,7 @@ def _optim_body(model_id: str, seq: int, learning_rate: float) -> dict[str, obje
 def _resubmit(c: Cluster, model_id: str, seq: int, *, same: bool) -> httpx.Response:
     headers = {"X-API-Key": API_KEY}
     if seq % 2 == 1:  # forward_backward
-        datum = training_datum()
+        datum = memorise_datum()
         if not same:
             datum.loss_fn_inputs["weights"] = types.TensorData(data=[1.0] * 8, dtype="float32", shape=[8])
         return httpx.post(

@@ -15,7 +15,7 @@ import pytest
 from tinker import types
 
 from tests.e2e.server import REPO, TUFT, LiveServer, embedded
-from tests.e2e.test_training import client_for, new_training
+from tests.e2e.test_training import client_for, memorise_datum, new_training
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -33,18 +33,6 @@ QUESTION = "What is the secret word?"
 CHAT_PROMPT_IDS = [151644, 872, 198, 3838, 374, 279, 6234, 3409, 30, 151645, 198, 151644, 77091, 198]
 REPLY = "Pineapple harbour!"
 REPLY_IDS = [47, 482, 22377, 74642, 0]
-
-
-def memorise(prompt: list[int], answer: list[int]) -> types.Datum:
-    tokens = prompt + answer
-    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(answer)
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[len(tokens) - 1]),
-            "weights": types.TensorData(data=weights, dtype="float32", shape=[len(weights)]),
-        },
-    )
 
 
 @dataclass
@@ -71,7 +59,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     server = embedded(tmp_path_factory.mktemp("oai")).start()
     try:
         training = new_training(client_for(server))
-        data = [memorise(PROMPT_IDS, [*CONTINUATION_IDS, EOS]), memorise(CHAT_PROMPT_IDS, [*REPLY_IDS, IM_END])]
+        data = [
+            memorise_datum(PROMPT_IDS, [*CONTINUATION_IDS, EOS]),
+            memorise_datum(CHAT_PROMPT_IDS, [*REPLY_IDS, IM_END]),
+        ]
         for _ in range(25):
             fb = training.forward_backward(data, "cross_entropy")
             training.optim_step(types.AdamParams(learning_rate=1e-2))

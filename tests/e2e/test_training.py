@@ -19,9 +19,10 @@ PROMPT = [101, 57, 12, 7, 102]
 CONTINUATION = [1000, 2000, 3000, 4000]
 
 
-def memorise_datum() -> types.Datum:
-    tokens = PROMPT + CONTINUATION
-    weights = [0.0] * (len(PROMPT) - 1) + [1.0] * len(CONTINUATION)
+def memorise_datum(prompt: list[int] = PROMPT, answer: list[int] = CONTINUATION) -> types.Datum:
+    """Next-token prediction over prompt + answer, with weight on the answer's tokens only."""
+    tokens = prompt + answer
+    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(answer)
     return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={
