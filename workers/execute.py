@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Protocol
 
 from app.domain.ops import ForwardBackwardOp, LoadWeightsOp, LoraConfig, OptimStepOp, SampleOp, SaveWeightsOp
 from app.domain.results import ForwardBackwardResult, OptimStepResult, SampleResult
+from app.files import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ class SavedFiles:
     size_bytes: int
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(
     engine: Engine,
     *,
@@ -72,7 +64,7 @@ def write_checkpoint(
     try:
         size = engine.save_run(run_id, tmp, with_optimizer)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _fsync_dir(tmp)
+        fsync_path(tmp)
     except BaseException:
         # A full disk or a failed export: leave no half-written folder to fill the disk further.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +76,7 @@ def write_checkpoint(
         final.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
     tmp.rename(final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     return SavedFiles(storage_path, size)
 
 

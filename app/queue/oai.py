@@ -6,27 +6,15 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_now
-from app.db.models import Checkpoint, Op
-from app.domain import ids
+from app.db.models import Checkpoint
 from app.domain.oai import OaiCompletionOp
-from app.domain.ops import canonical_bytes, op_sha256
-from app.queue.submit import NEW_RUNS_QUEUE, Submitted, Wakeup
+from app.queue.submit import NEW_RUNS_QUEUE, Submitted, Wakeup, sample_row
 
 
 def submit_completion(s: DbSession, tenant: str, op: OaiCompletionOp) -> Submitted:
     """Queue one completion. It has no sampler row and no sequence number: every HTTP request is a
     new op (an OpenAI client has no idempotency key to dedupe a retry on)."""
-    row = Op(
-        request_id=ids.new_request_id(),
-        tenant=tenant,
-        kind="sample",
-        mutates=False,
-        request_sha256=op_sha256(op),
-        payload=canonical_bytes(op),
-        status="queued",
-        attempt=0,
-        created_at=db_now(s),
-    )
+    row = sample_row(s, tenant, op)
     s.add(row)
     s.flush()
     return Submitted(row.request_id, Wakeup(NEW_RUNS_QUEUE, None))

@@ -267,12 +267,13 @@ def create_sampler(
     )
 
 
-def submit_sample(s: DbSession, sampler: Sampler, seq: int, op: SampleOp) -> Submitted:
-    now = db_now(s)
-    row = Op(
+def sample_row(s: DbSession, tenant: str, op: BaseModel, sampler_id: str | None = None, seq: int | None = None) -> Op:
+    """A queued sample-kind op: any worker claims it (claim.claim_sample), in no particular order.
+    Also the OpenAI endpoint's completions (app/queue/oai.py), which have no sampler."""
+    return Op(
         request_id=ids.new_request_id(),
-        tenant=sampler.tenant,
-        sampler_id=sampler.sampler_id,
+        tenant=tenant,
+        sampler_id=sampler_id,
         sampler_seq=seq,
         kind="sample",
         mutates=False,
@@ -280,8 +281,12 @@ def submit_sample(s: DbSession, sampler: Sampler, seq: int, op: SampleOp) -> Sub
         payload=canonical_bytes(op),
         status="queued",
         attempt=0,
-        created_at=now,
+        created_at=db_now(s),
     )
+
+
+def submit_sample(s: DbSession, sampler: Sampler, seq: int, op: SampleOp) -> Submitted:
+    row = sample_row(s, sampler.tenant, op, sampler.sampler_id, seq)
     request_id = _insert_or_dedupe(
         s,
         row,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ from app.api.state import AppState
 from app.db.models import Checkpoint, Run
 from app.domain.errors import InvalidInput, ServerError
 from app.domain.ids import TinkerPath, parse_tinker_path, run_id_for
+from app.files import fsync_path
 from app.queue import checkpoints, submit
 from app.wire.json_models import CopyWeightsRequest, SetTtlRequest
 
@@ -81,14 +81,6 @@ async def unpublish_checkpoint(run_id: str, segment: str, name: str, state: Stat
 # copy_weights (0.38)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _restamp(meta: Path, manifest: dict[str, Any]) -> None:
     """The copy's manifest names the copy (and its source). One that cannot be read is left as it
     is: the copy keeps the source's bytes."""
@@ -113,13 +105,13 @@ def _copy_files(src: Path, final: Path, manifest: dict[str, Any]) -> None:
         shutil.copytree(src, tmp)
         _restamp(tmp / "manifest.json", manifest)
         for f in [*tmp.rglob("*"), tmp]:
-            _fsync(f)
+            fsync_path(f)
         try:
             tmp.rename(final)
         except OSError:
             if not final.exists():
                 raise  # otherwise a concurrent copy with the same key renamed first
-        _fsync(final.parent)
+        fsync_path(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
