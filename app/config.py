@@ -83,6 +83,10 @@ class Settings(BaseModel):
     sweep_interval_seconds: float = 2.0
     # Results stay in the database until delivered, then this long (0 keeps them forever).
     result_retention_seconds: float = 86400.0
+    # A finished run (its session finished, or the run cancelled) keeps its op payloads and its
+    # recovery snapshots this long, then they are dropped (app/queue/retention.py); its op rows,
+    # results and checkpoints stay. 0 keeps them forever.
+    finished_run_retention_seconds: float = 7 * 86400.0
     # A session not heard from for this long is reported `expired`; it keeps its runs and futures
     # and revives on its next heartbeat or request (docs/sessions.md). The SDK heartbeats every 10 s.
     session_timeout_seconds: float = Field(600.0, gt=10)

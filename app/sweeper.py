@@ -16,7 +16,7 @@ from app.config import Settings
 from app.db.engine import Database
 from app.doorbell import Doorbell
 from app.queue import checkpoints
-from app.queue.sweeper import SweepReport, hold_singleton, sweep
+from app.queue.sweeper import SweepReport, hold_singleton, run_pass
 
 log = logging.getLogger("tuft.sweeper")
 
@@ -55,10 +55,19 @@ class SweeperThread(threading.Thread):
         with self.db.write() as s:
             if not hold_singleton(s, "sweeper", self.holder, ttl=max(3 * interval, 5.0)):
                 return None
-        with self.db.write() as s:
-            report = sweep(
-                s, lease_ttl=self.settings.lease_ttl_seconds, result_retention=self.settings.result_retention_seconds
-            )
+        # Short transactions, one step (one lease take-back) each: app/queue/sweeper.py run_pass.
+        report = run_pass(
+            self.db,
+            lease_ttl=self.settings.lease_ttl_seconds,
+            result_retention=self.settings.result_retention_seconds,
+            finished_run_retention=self.settings.finished_run_retention_seconds,
+        )
+        if report.retention.snapshot_paths:
+            # Snapshot rows of retired runs are gone (committed): their files go now.
+            snapshot_dir = self.settings.resolved_snapshot_dir()
+            for rel in report.retention.snapshot_paths:
+                shutil.rmtree(snapshot_dir / rel, ignore_errors=True)
+            log.info("sweeper: retired %d finished run(s)", len(report.retention.finished_runs))
         if report.wakeups:
             self.doorbell.ring(report.wakeups)
         if report.expired_checkpoints:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -95,6 +96,10 @@ class Run(Base):
     last_snapshot_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     last_request_at: Mapped[float] = mapped_column(Float)
+    # Retention (app/queue/retention.py): op payloads at or below this seq are pruned; a retired
+    # run (finished, past finished_run_retention_seconds) has no snapshots and no payloads left.
+    payloads_pruned_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    retired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Op(Base):
@@ -106,6 +111,20 @@ class Op(Base):
         UniqueConstraint("run_id", "seq"),
         UniqueConstraint("sampler_id", "sampler_seq"),
         Index("ix_ops_kind_status", "kind", "status"),
+        # What the sweeper reads each pass (migration 0003): rows still holding a result, and
+        # sample ops whose payload is still there. Partial, so they stay as small as the work.
+        Index(
+            "ix_ops_result_delivered",
+            "delivered_at",
+            postgresql_where=text("result IS NOT NULL"),
+            sqlite_where=text("result IS NOT NULL"),
+        ),
+        Index(
+            "ix_ops_sample_unpruned",
+            "delivered_at",
+            postgresql_where=text("run_id IS NULL AND payload_pruned_at IS NULL"),
+            sqlite_where=text("run_id IS NULL AND payload_pruned_at IS NULL"),
+        ),
     )
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -135,6 +154,8 @@ class Op(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # First time a client received the terminal result; retention counts from here.
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # When retention emptied `payload` (b""): the op can no longer run or be replayed.
+    payload_pruned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Sampler(Base):
@@ -170,7 +191,8 @@ class Checkpoint(Base):
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_by_op: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
-    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Indexed (migration 0003): the sweeper looks up expired checkpoints every pass.
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
 
 
 class Snapshot(Base):

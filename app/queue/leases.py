@@ -3,6 +3,10 @@
 A worker owns a run under a lease with an epoch. Taking a run (free, or expired by the database
 clock) bumps the epoch, so every write the previous owner might still attempt carries a stale
 epoch and is rejected by the fenced commit in commit.py.
+
+Lock order (deadlock freedom, issue 7 item 3): a transaction that locks several rows locks `runs`
+rows first, in run_id order, then its `workers` row, then `ops` rows. Every function here and in
+commit.py/claim.py/sweeper.py follows it (the sweeper takes back one run per transaction).
 """
 
 from __future__ import annotations
@@ -44,11 +48,22 @@ def heartbeat(s: DbSession, worker_id: str, ttl: float) -> list[Lease]:
     A run missing from the answer was taken over: the caller must drop its state for it.
     """
     now = db_now(s)
+    owned = _lock_runs_in_order(s, Run.owner_worker == worker_id)
+    if owned:
+        s.execute(update(Run).where(Run.run_id.in_(owned)).values(lease_expires_at=now + ttl))
     # A worker the sweeper declared dead (a long pause) is live again once it beats.
     s.execute(update(Worker).where(Worker.worker_id == worker_id).values(heartbeat_at=now, stopped_at=None))
-    s.execute(update(Run).where(Run.owner_worker == worker_id).values(lease_expires_at=now + ttl))
     rows = s.execute(select(Run.run_id, Run.lease_epoch).where(Run.owner_worker == worker_id)).all()
     return [Lease(r.run_id, r.lease_epoch) for r in rows]
+
+
+def _lock_runs_in_order(s: DbSession, condition: object) -> list[str]:
+    """Lock the matching runs rows in run_id order (FOR UPDATE; a no-op on SQLite, where BEGIN
+    IMMEDIATE serialises writers): a multi-row UPDATE locks in scan order, which two
+    transactions can see differently, and that is a deadlock."""
+    return list(
+        s.execute(select(Run.run_id).where(condition).order_by(Run.run_id).with_for_update()).scalars()  # type: ignore[arg-type]
+    )
 
 
 def acquire_runs(s: DbSession, worker_id: str, ttl: float, limit: int = 8) -> list[Lease]:
@@ -70,7 +85,8 @@ def acquire_runs(s: DbSession, worker_id: str, ttl: float, limit: int = 8) -> li
         .all()
     )
     taken: list[Lease] = []
-    for run_id in candidates:
+    # Chosen by age, locked in run_id order (the lock order above).
+    for run_id in sorted(candidates):
         # Guarded: a concurrent worker may have taken it between the select and this update.
         result = s.execute(
             update(Run)
@@ -86,6 +102,7 @@ def acquire_runs(s: DbSession, worker_id: str, ttl: float, limit: int = 8) -> li
 
 def release_all(s: DbSession, worker_id: str) -> None:
     """Graceful stop: hand every run back at once instead of making others wait for the TTL."""
+    _lock_runs_in_order(s, Run.owner_worker == worker_id)
     s.execute(update(Run).where(Run.owner_worker == worker_id).values(owner_worker=None, lease_expires_at=None))
     s.execute(update(Worker).where(Worker.worker_id == worker_id).values(stopped_at=db_now(s)))
     # Samples this worker claimed but did not finish go back to the queue.

@@ -1,20 +1,32 @@
 """One sweeper pass (reliability-design.md §2.2): repair what lost messages and dead processes
 leave behind. Every statement is guarded, so two passes racing each other are harmless; the
 singleton lease below keeps it to one active sweeper anyway.
+
+`run_pass` (what the sweeper thread calls) runs each step in its own short transaction, and takes
+back each expired lease in a transaction of its own: a pass never holds a lock while it waits on
+another, so it can neither deadlock with a worker's heartbeat or commit (lock order in leases.py)
+nor stall the deployment behind one paused worker's row (issue 7 item 3). A step that fails on a
+database error (a lock timeout, a deadlock victim, a restart) is logged and the pass goes on; the
+next pass retries it. `sweep` runs the same steps in one caller-owned session (tests).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
-from app.db.engine import db_now
+from app.db.engine import Database, db_now
 from app.db.models import Checkpoint, Op, Run, Singleton, Worker
+from app.queue import retention
 from app.queue.claim import requeue_expired_samples
 from app.queue.submit import NEW_RUNS_QUEUE, Wakeup
+
+log = logging.getLogger("tuft.sweeper")
 
 # A queued op this old with no progress has probably lost its wake-up: ring again.
 STALE_WAKEUP_SECONDS = 5.0
@@ -32,6 +44,9 @@ class SweepReport:
     # the caller removes their files once this pass has committed.
     expired_checkpoints: list[str] = field(default_factory=list)
     wakeups: list[Wakeup] = field(default_factory=list)
+    retention: retention.RetentionReport = field(default_factory=retention.RetentionReport)
+    # Steps that failed on a database error this pass (retried next pass).
+    failed_steps: list[str] = field(default_factory=list)
 
 
 def hold_singleton(s: DbSession, name: str, holder: str, ttl: float) -> bool:
@@ -55,18 +70,30 @@ def hold_singleton(s: DbSession, name: str, holder: str, ttl: float) -> bool:
 def expire_leases(s: DbSession, report: SweepReport) -> None:
     """Runs whose owner stopped renewing: bump the epoch (fencing the old owner out), put the op
     it was running back in the queue (its attempt count kept), and wake any worker."""
+    for run_id in expired_runs(s):
+        take_back(s, run_id, report)
+
+
+def expired_runs(s: DbSession) -> list[str]:
     now = db_now(s)
-    expired = s.execute(select(Run.run_id).where(Run.owner_worker.is_not(None), Run.lease_expires_at < now)).scalars()
-    for run_id in list(expired):
-        taken = s.execute(
-            update(Run)
-            .where(Run.run_id == run_id, Run.owner_worker.is_not(None), Run.lease_expires_at < now)
-            .values(owner_worker=None, lease_epoch=Run.lease_epoch + 1, lease_expires_at=None)
-        )
-        if taken.rowcount == 1:  # type: ignore[attr-defined]
-            s.execute(update(Op).where(Op.run_id == run_id, Op.status == "running").values(status="queued"))
-            report.expired_leases.append(run_id)
-            report.wakeups.append(Wakeup(NEW_RUNS_QUEUE, run_id))
+    return list(
+        s.execute(
+            select(Run.run_id).where(Run.owner_worker.is_not(None), Run.lease_expires_at < now).order_by(Run.run_id)
+        ).scalars()
+    )
+
+
+def take_back(s: DbSession, run_id: str, report: SweepReport) -> None:
+    now = db_now(s)
+    taken = s.execute(
+        update(Run)
+        .where(Run.run_id == run_id, Run.owner_worker.is_not(None), Run.lease_expires_at < now)
+        .values(owner_worker=None, lease_epoch=Run.lease_epoch + 1, lease_expires_at=None)
+    )
+    if taken.rowcount == 1:  # type: ignore[attr-defined]
+        s.execute(update(Op).where(Op.run_id == run_id, Op.status == "running").values(status="queued"))
+        report.expired_leases.append(run_id)
+        report.wakeups.append(Wakeup(NEW_RUNS_QUEUE, run_id))
 
 
 def mark_dead_workers(s: DbSession, ttl: float, report: SweepReport) -> None:
@@ -97,15 +124,9 @@ def rering_stale(s: DbSession, report: SweepReport) -> None:
         report.wakeups.append(Wakeup(NEW_RUNS_QUEUE, None))
 
 
-def expire_results(s: DbSession, retention: float, report: SweepReport) -> None:
+def expire_results(s: DbSession, retention_seconds: float, report: SweepReport) -> None:
     """Results are kept until delivered, then `retention` seconds (0 keeps them forever)."""
-    if retention <= 0:
-        return
-    cutoff = db_now(s) - retention
-    done = s.execute(
-        update(Op).where(Op.delivered_at < cutoff, Op.result.is_not(None), Op.status == "succeeded").values(result=None)
-    )
-    report.expired_results = int(done.rowcount)  # type: ignore[attr-defined]
+    report.expired_results += retention.expire_results(s, retention_seconds)
 
 
 def expire_checkpoints(s: DbSession, report: SweepReport) -> None:
@@ -124,12 +145,57 @@ def expire_checkpoints(s: DbSession, report: SweepReport) -> None:
             report.expired_checkpoints.append(storage_path)
 
 
-def sweep(s: DbSession, *, lease_ttl: float, result_retention: float) -> SweepReport:
+def apply_retention(s: DbSession, finished_run_retention: float, report: SweepReport) -> None:
+    r = report.retention
+    r.payloads_pruned += retention.prune_sample_payloads(s) + retention.prune_covered_payloads(s)
+    retention.retire_finished_runs(s, finished_run_retention, r)
+
+
+def _steps(
+    lease_ttl: float, result_retention: float, finished_run_retention: float, report: SweepReport
+) -> list[tuple[str, Callable[[DbSession], object]]]:
+    def requeue(s: DbSession) -> None:
+        report.requeued_samples += requeue_expired_samples(s)
+
+    return [
+        ("dead_workers", lambda s: mark_dead_workers(s, lease_ttl, report)),
+        ("samples", requeue),
+        ("wakeups", lambda s: rering_stale(s, report)),
+        ("results", lambda s: expire_results(s, result_retention, report)),
+        ("checkpoints", lambda s: expire_checkpoints(s, report)),
+        ("retention", lambda s: apply_retention(s, finished_run_retention, report)),
+    ]
+
+
+def sweep(
+    s: DbSession, *, lease_ttl: float, result_retention: float, finished_run_retention: float = 0.0
+) -> SweepReport:
     report = SweepReport()
     expire_leases(s, report)
-    mark_dead_workers(s, lease_ttl, report)
-    report.requeued_samples = requeue_expired_samples(s)
-    rering_stale(s, report)
-    expire_results(s, result_retention, report)
-    expire_checkpoints(s, report)
+    for _name, step in _steps(lease_ttl, result_retention, finished_run_retention, report):
+        step(s)
+    return report
+
+
+def run_pass(
+    db: Database, *, lease_ttl: float, result_retention: float, finished_run_retention: float = 0.0
+) -> SweepReport:
+    """One pass in short transactions: leases first (one run per transaction), then the rest."""
+    report = SweepReport()
+
+    def attempt(name: str, step: Callable[[DbSession], object]) -> None:
+        try:
+            with db.write() as s:
+                step(s)
+        except DBAPIError as exc:
+            # A lock timeout behind a paused process, a deadlock victim, a restart: next pass.
+            report.failed_steps.append(name)
+            log.warning("sweeper step %s failed (retried next pass): %s", name, type(exc.orig).__name__)
+
+    found: list[str] = []
+    attempt("leases", lambda s: found.extend(expired_runs(s)))
+    for run_id in found:
+        attempt("leases", lambda s, run_id=run_id: take_back(s, run_id, report))  # type: ignore[misc]
+    for name, step in _steps(lease_ttl, result_retention, finished_run_retention, report):
+        attempt(name, step)
     return report
