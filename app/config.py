@@ -100,6 +100,11 @@ class Settings(BaseModel):
     # answers 429 and the SDK backs off and re-submits. Deployment-wide, and per tenant; 0 is off.
     max_queued_samples: int = Field(256, ge=0)
     max_queued_samples_per_tenant: int = Field(0, ge=0)
+    # Fair share (docs/sampling.md): while the queue is full, a tenant holding less than
+    # max(min_queued_samples_per_tenant, max_queued_samples / tenants with samples pending) is
+    # still admitted, so one tenant retrying on 429 cannot keep the others out.
+    fair_sample_queue: bool = True
+    min_queued_samples_per_tenant: int = Field(8, ge=1)
 
     # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
     worker_device: str = "auto"

@@ -2,14 +2,14 @@
 
 Training ops run strictly in seq order: only the op whose seq equals its run's next_seq is ready,
 so a gap (a later chunk that arrived first) simply waits. Sampling ops are independent and go to
-whichever worker claims them first.
+whichever worker claims them first, taken fairly between tenants (claim_sample).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, case, func, literal, select, update
 from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_now
@@ -71,18 +71,43 @@ class ClaimedSample:
     request_id: str
     sampler_id: str
     payload: bytes
+    tenant: str = ""
+
+
+# The tenant each worker (by id) served last, for the round-robin tie-break in claim_sample. A
+# worker process claims from one thread; losing this on restart only restarts the rotation.
+_last_served: dict[str, str] = {}
 
 
 def claim_sample(s: DbSession, worker_id: str, claim_ttl: float) -> ClaimedSample | None:
-    """Take the oldest queued sample. Postgres: SKIP LOCKED lets workers claim side by side;
+    """Take the next queued sample, fairly between tenants (docs/sampling.md "Fairness").
+
+    Each pending (queued or running) sample gets its turn within its tenant: 1 for the tenant's
+    oldest, 2 for the next... A running sample holds its turn, so a tenant with samples in service
+    waits behind one with none. The lowest turn goes first; among equal turns, the tenant after the
+    one this worker served last (in name order, wrapping round), then the oldest. So a light
+    tenant's sample is served within about one sample per other active tenant, however long a heavy
+    tenant's backlog is. One query over the pending samples (the (kind, status) index; their number
+    is bounded by the backpressure limits). Postgres: SKIP LOCKED lets workers claim side by side;
     SQLite: BEGIN IMMEDIATE already serialises writers (FOR UPDATE is dropped there)."""
     now = db_now(s)
+    pending = (
+        select(
+            Op.request_id.label("request_id"),
+            func.row_number().over(partition_by=Op.tenant, order_by=(Op.created_at, Op.request_id)).label("turn"),
+        )
+        .where(Op.kind == "sample", Op.status.in_(("queued", "running")))
+        .subquery()
+    )
+    last = _last_served.get(worker_id)
+    after_last = case((Op.tenant > last, 0), else_=1) if last is not None else literal(0)
     row = s.execute(
-        select(Op.request_id, Op.sampler_id, Op.payload)
+        select(Op.request_id, Op.sampler_id, Op.payload, Op.tenant)
+        .join(pending, pending.c.request_id == Op.request_id)
         .where(Op.kind == "sample", Op.status == "queued")
-        .order_by(Op.created_at)
+        .order_by(pending.c.turn, after_last, Op.tenant, Op.created_at, Op.request_id)
         .limit(1)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=Op, skip_locked=True)
     ).first()
     if row is None:
         return None
@@ -97,7 +122,8 @@ def claim_sample(s: DbSession, worker_id: str, claim_ttl: float) -> ClaimedSampl
             started_at=now,
         )
     )
-    return ClaimedSample(row[0], row[1] or "", row[2])
+    _last_served[worker_id] = row[3]
+    return ClaimedSample(row[0], row[1] or "", row[2], row[3])
 
 
 def requeue_expired_samples(s: DbSession) -> int:

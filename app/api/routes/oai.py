@@ -125,7 +125,7 @@ async def _complete(state: AppState, tenant: str, model: str, build: Build) -> R
         return (sub.request_id, op), [sub.wakeup] if sub.wakeup else []
 
     settings = state.settings
-    limits = SampleQueueLimits(total=settings.max_queued_samples, per_tenant=settings.max_queued_samples_per_tenant)
+    limits = SampleQueueLimits.of(settings)
     try:
         request_id, op = await run_in_threadpool(state.submit, work)
     except SampleQueueFull as exc:

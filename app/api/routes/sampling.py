@@ -65,7 +65,7 @@ async def asample(request: Request, state: State, tenant: Tenant) -> dict[str, A
         raise InvalidInput("seq_id is required and must be >= 0")
     op = translate.sample_to_op(req)
     settings = state.settings
-    limits = SampleQueueLimits(total=settings.max_queued_samples, per_tenant=settings.max_queued_samples_per_tenant)
+    limits = SampleQueueLimits.of(settings)
 
     def work(s: DbSession) -> tuple[str, list[Wakeup]]:
         sampler = submit.get_sampler(s, tenant, req.sampling_session_id or "")
