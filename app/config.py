@@ -95,6 +95,14 @@ class Settings(BaseModel):
     max_request_bytes: int = 64 * 1024 * 1024
     max_decompressed_bytes: int = 256 * 1024 * 1024
     max_datums_per_request: int = 4096
+    # Tokens in one forward_backward, all datums together (each datum is also bounded by the
+    # model's max_model_len); checked on the message's lengths before anything is built.
+    max_tokens_per_request: int = Field(2 * 1024 * 1024, ge=1)
+    # Request bodies are decoded off the event loop (docs/robustness.md): at most
+    # `decode_threads` at once per API process, half of them at most for one tenant, whose
+    # requests beyond `decode_queue_per_tenant` (decoding or waiting) are answered 429.
+    decode_threads: int = Field(2, ge=1)
+    decode_queue_per_tenant: int = Field(8, ge=1)
     max_samples_per_request: int = 64
     # Backpressure (docs/sampling.md): while this many sample ops are queued or running, asample
     # answers 429 and the SDK backs off and re-submits. Deployment-wide, and per tenant; 0 is off.

@@ -27,6 +27,11 @@ class ModelCatalog:
             raise InvalidInput(f"unknown base model {name!r}; this server serves {sorted(self.specs)}")
         return spec
 
+    def max_model_len(self) -> int:
+        """The longest sequence any served model takes: a bound on a request before its run (and
+        so its model) is known."""
+        return max(spec.max_model_len for spec in self.specs.values())
+
     def vocab_size(self, name: str) -> int:
         spec = self.get(name)
         return spec.vocab_size or _vocab_from_folder(spec.model_path)

@@ -7,6 +7,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
+from app.api.decoding import gate_of
 from app.api.state import AppState
 from app.wire.json_models import WireModel, parse_body
 
@@ -23,11 +24,24 @@ State = Annotated[AppState, Depends(get_state)]
 
 async def get_tenant(request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> str:
     state: AppState = request.app.state.tuft
-    return await run_in_threadpool(state.keys.tenant_for, x_api_key)
+    tenant = await run_in_threadpool(state.keys.tenant_for, x_api_key)
+    request.state.tenant = tenant  # body_as shares decode slots per tenant
+    return tenant
 
 
 Tenant = Annotated[str, Depends(get_tenant)]
 
 
+# A JSON body up to this size parses in well under a millisecond: on the event loop, without
+# taking a decode slot (the SDK's many small polls and heartbeats must never get a 429).
+INLINE_JSON_BYTES = 64 * 1024
+
+
 async def body_as(request: Request, model: type[M]) -> M:
-    return parse_body(model, await request.body())
+    """The JSON body as `model`; a large or chunked body is parsed off the event loop through
+    the decode gate (app/api/decoding.py), counted against the caller's tenant."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) <= INLINE_JSON_BYTES:
+        return parse_body(model, await request.body())
+    tenant = getattr(request.state, "tenant", None) or ""
+    return await gate_of(request).decode(request, tenant, lambda body: parse_body(model, body))

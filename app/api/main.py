@@ -11,18 +11,21 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import logredact
 from app.api.catalog import ModelCatalog
+from app.api.decoding import RETRY_AFTER_SECONDS, DecodeBusy, DecodeGate
 from app.api.longpoll import FuturePoller
+from app.api.proxy import ForwardedHeaders
 from app.api.routes import checkpoints, client, downloads, futures, oai, rest, sampling, sessions, training
 from app.api.state import AppState
 from app.auth import KeyResolver
 from app.config import Settings
 from app.db.engine import Database
-from app.domain.errors import DomainError, PayloadTooLarge
+from app.domain.errors import DomainError, InvalidInput, PayloadTooLarge
 from app.doorbell import make_doorbell
 from app.sweeper import SweeperThread
 from app.wire.errors import error_body, http_status_for
@@ -41,6 +44,11 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            # PostgreSQL text cannot hold NUL: an id with one can name nothing, and would otherwise
+            # reach the database as a DataError (a 5xx the SDK retries forever).
+            await _refuse(400, InvalidInput("the URL must not contain NUL characters (%00)"), send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -61,9 +69,11 @@ class BodyLimit:
 
 
 async def _too_large(limit: int, send: Send) -> None:
-    response = JSONResponse(
-        error_body(PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")), status_code=413
-    )
+    await _refuse(413, PayloadTooLarge(f"request body exceeds the limit of {limit} bytes"), send)
+
+
+async def _refuse(status: int, err: DomainError, send: Send) -> None:
+    response = JSONResponse(error_body(err), status_code=status)
     await response({"type": "http"}, _empty_receive, send)
 
 
@@ -107,6 +117,21 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
         )
 
+    @app.exception_handler(DecodeBusy)
+    async def _decode_busy(request: Request, exc: DecodeBusy) -> JSONResponse:
+        log.info("%s %s -> 429: %s", request.method, request.url.path, exc.message)
+        body = {"error": "too_many_requests", "message": exc.message, "category": "server", "detail": exc.message}
+        return JSONResponse(body, status_code=429, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    @app.exception_handler(DataError)
+    async def _bad_value(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value (out of range, too long, not encodable): the request's
+        # input, since the server's own values fit its schema. The wire models and json_guard
+        # should have caught it first, hence ERROR; a 400 stops the SDK retrying it forever.
+        log.error("%s %s -> 400: the database refused a value: %s", request.method, request.url.path, exc.orig)
+        message = "a value in the request is out of range or not storable (too long, too large or not valid text)"
+        return _error_response(InvalidInput(message))
+
     @app.exception_handler(DBAPIError)
     async def _database_down(request: Request, exc: DBAPIError) -> JSONResponse:
         # The database is restarting or unreachable: a 503 the SDK retries, not a 500 with a trace.
@@ -147,6 +172,7 @@ def create_app(
             catalog=ModelCatalog(settings),
             keys=KeyResolver(database, settings.configured_keys()),
             poller=poller,
+            decode_gate=DecodeGate(settings.decode_threads, settings.decode_queue_per_tenant),
         )
         app.state.tuft = state
         poller.start()
@@ -168,4 +194,5 @@ def create_app(
     for module in (client, sessions, training, sampling, futures, rest, checkpoints, downloads, oai):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    pass  # E-TEMP
     return app

@@ -9,6 +9,7 @@ from typing import TypeVar
 from sqlalchemy.orm import Session as DbSession
 
 from app.api.catalog import ModelCatalog
+from app.api.decoding import DecodeGate
 from app.api.longpoll import FuturePoller
 from app.auth import KeyResolver
 from app.config import Settings
@@ -27,6 +28,7 @@ class AppState:
     catalog: ModelCatalog
     keys: KeyResolver
     poller: FuturePoller
+    decode_gate: DecodeGate  # request bodies are decoded through it (app/api/decoding.py)
 
     def submit(self, work: Callable[[DbSession], tuple[T, list[Wakeup]]]) -> T:
         """One unit of work for a submission: commit, then ring (never before: a worker woken

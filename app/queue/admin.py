@@ -142,8 +142,9 @@ def cancel(s: DbSession, run_id: str) -> int:
 
 def resume(s: DbSession, run_id: str, op_action: OpAction | None = None) -> str | None:
     """Make the run active again. With an op action, first deal with the op at next_seq:
-    retry (back to the queue, attempts reset), skip or fail it (it fails; the run moves past it).
-    Returns the request id of the op acted on."""
+    retry (back to the queue, attempts reset, even if it failed when the run blocked), skip or
+    fail it (it fails; the run moves past it). Ops that failed when the run blocked stay failed
+    and the run moves past them unchanged. Returns the request id of the op acted on."""
     run = _run(s, run_id)
     if run.status == "cancelled":
         raise InvalidInput(f"run {run_id} is cancelled; it cannot be resumed")
@@ -155,6 +156,9 @@ def resume(s: DbSession, run_id: str, op_action: OpAction | None = None) -> str 
         acted = op.request_id
         if op_action == "retry":
             op.status, op.attempt, op.claimed_by, op.claimed_epoch = "queued", 0, None, None
+            # Failed when the run blocked: its future becomes pending again, and a client that
+            # polls it (or re-sends the request) gets the new outcome.
+            op.error_message, op.error_category, op.finished_at = None, None, None
         else:
             verb = "skipped" if op_action == "skip" else "failed"
             op.status = "failed"

@@ -103,10 +103,21 @@ def commit_sample(s: DbSession, *, worker_id: str, request_id: str, outcome: Out
         raise Fenced(f"sample {request_id} is no longer claimed by {worker_id}")
 
 
-def block_run(s: DbSession, *, worker_id: str, run_id: str, epoch: int, reason: str) -> None:
+def blocked_message(run_id: str, reason: str) -> str:
+    """What a client reads in the failed future of an op that a blocked run will not run."""
+    return (
+        f"training run {run_id} is blocked and runs no further operations until an operator "
+        f"resumes it (tuft runs resume): {reason}"
+    )
+
+
+def block_run(s: DbSession, *, worker_id: str, run_id: str, epoch: int, reason: str) -> int:
     """Stop the run where it is (its state cannot be rebuilt, or a poison op under
-    poison_policy=block). Its queued ops stay queued, and clients keep polling, until an operator
-    runs `tuft runs resume` (retry, skip or fail the op) or `tuft runs cancel`."""
+    poison_policy=block) and fail every op still waiting (category server, with the reason), so
+    no client polls forever; ops submitted while it stays blocked fail at submission. The
+    operator's `tuft runs resume` makes it run again from its last committed state (those
+    failed ops stay failed and are skipped; `--retry-op` re-queues the one at next_seq), or
+    `tuft runs cancel` ends it. Returns how many ops were failed."""
     blocked = s.execute(
         update(Run)
         .where(Run.run_id == run_id, Run.owner_worker == worker_id, Run.lease_epoch == epoch)
@@ -114,3 +125,14 @@ def block_run(s: DbSession, *, worker_id: str, run_id: str, epoch: int, reason: 
     )
     if blocked.rowcount != 1:  # type: ignore[attr-defined]
         raise Fenced(f"run {run_id}: lease epoch {epoch} is no longer current")
+    failed = s.execute(
+        update(Op)
+        .where(Op.run_id == run_id, Op.status.in_(("queued", "running")))
+        .values(
+            status="failed",
+            error_message=blocked_message(run_id, reason)[:2000],
+            error_category="server",
+            finished_at=db_now(s),
+        )
+    )
+    return int(failed.rowcount)  # type: ignore[attr-defined]

@@ -206,10 +206,12 @@ def submit_run_op(
     rejected: str | None = None,
     kind: str | None = None,
     raw: bytes = b"",
+    rejected_category: str = "user",
 ) -> Submitted:
     """Queue op `seq` of `run`. With `rejected`, the op is recorded as already failed (category
-    user): the client still gets a future, and the run does not stall on a missing seq. A request
-    too broken to become an op is stored as its raw bytes (op None, `kind` given)."""
+    `rejected_category`: user, or server for a blocked run): the client still gets a future, and
+    the run does not stall on a missing seq. A request too broken to become an op is stored as
+    its raw bytes (op None, `kind` given)."""
     if (
         seq < run.next_seq
         and s.execute(select(Op.request_id).where(Op.run_id == run.run_id, Op.seq == seq)).first() is None
@@ -235,7 +237,7 @@ def submit_run_op(
         status="failed" if rejected else "queued",
         attempt=0,
         error_message=rejected,
-        error_category="user" if rejected else None,
+        error_category=rejected_category if rejected else None,
         created_at=now,
         finished_at=now if rejected else None,
     )

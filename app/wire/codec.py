@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
@@ -18,30 +19,87 @@ from app.domain.tensors import Array
 from app.wire.compression import decompress_body
 from app.wire.proto import pb
 from app.wire.sample_codec import encode_sample_response
-from app.wire.tensors import SparseBudget, array_from_proto, batched_tensor, unpack_le
+from app.wire.tensors import SparseBudget, array_from_proto, batched_tensor, tensor_elements, unpack_le
 
 PROTOBUF_MEDIA_TYPE = "application/x-protobuf"
 # Sample results are encoded in app.wire.sample_codec; callers import them from here too.
-__all__ = ["PROTOBUF_MEDIA_TYPE", "decode_forward_backward", "encode_forward_backward_output", "encode_sample_response"]
+__all__ = [
+    "PROTOBUF_MEDIA_TYPE",
+    "DecodeLimits",
+    "DecodedForwardBackward",
+    "decode_forward_backward",
+    "decode_forward_backward_located",
+    "encode_forward_backward_output",
+    "encode_sample_response",
+]
 
 # The SDK keeps the text after the last ':' as the output class name (§7.4).
 _OUTPUT_TYPE = "ArrayRecord"
 
 
-def decode_forward_backward(
-    body: bytes, content_encoding: str | None, max_decompressed_bytes: int
-) -> tuple[str, int, ForwardBackwardOp]:
-    """Parse a `ForwardBackwardRequest` body into (model_id, seq_id, op).
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Cheap bounds checked on the parsed message's lengths before any Python list, tuple or
+    tensor is built from it (docs/robustness.md): a few KB of zstd can carry tens of millions of
+    tokens, and building objects for them costs gigabytes and seconds.
 
-    `max_decompressed_bytes` caps both the inflated body and the memory that densifying sparse
-    tensors may take.
+    None leaves a bound off (unit tests of the codec alone); the API sets all of them.
     """
-    raw = decompress_body(body, content_encoding, max_decompressed_bytes)
+
+    max_decompressed_bytes: int
+    max_datums: int | None = None
+    # The longest sequence any served model takes; the run's own model is checked later.
+    max_tokens_per_datum: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class DecodedForwardBackward:
+    """A body whose envelope parsed: its (model_id, seq_id), and either the op or the user error
+    in its content (recorded as a failed op at that seq, so later seqs do not wait for it)."""
+
+    model_id: str
+    seq_id: int
+    op: ForwardBackwardOp | None
+    error: InvalidInput | MalformedRequest | None = None
+
+
+# Per datum: more named inputs than any loss reads is not a request anyone means.
+_MAX_INPUTS_PER_DATUM = 16
+# Tensor elements a request may carry, per token: every loss input is one value per token.
+_ELEMENTS_PER_TOKEN = 8
+
+
+def decode_forward_backward(
+    body: bytes, content_encoding: str | None, limits: int | DecodeLimits
+) -> tuple[str, int, ForwardBackwardOp]:
+    """Parse a `ForwardBackwardRequest` body into (model_id, seq_id, op), raising on any error.
+
+    `limits` (or just `max_decompressed_bytes`) caps the inflated body, the memory that densifying
+    sparse tensors may take, and the counts in DecodeLimits.
+    """
+    decoded = decode_forward_backward_located(body, content_encoding, limits)
+    if decoded.error is not None:
+        raise decoded.error
+    assert decoded.op is not None
+    return decoded.model_id, decoded.seq_id, decoded.op
+
+
+def decode_forward_backward_located(
+    body: bytes, content_encoding: str | None, limits: int | DecodeLimits
+) -> DecodedForwardBackward:
+    """Like decode_forward_backward, but a content error comes back with the (model_id, seq_id)
+    its envelope names; only a body whose envelope cannot be read raises. CPU- and memory-heavy
+    by nature: the API runs it off the event loop (app/api/decoding.py)."""
+    if isinstance(limits, int):
+        limits = DecodeLimits(max_decompressed_bytes=limits)
+    raw = decompress_body(body, content_encoding, limits.max_decompressed_bytes)
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(raw)
     except DecodeError as exc:
         raise MalformedRequest(f"body is not a valid ForwardBackwardRequest protobuf: {exc}") from exc
+    del raw  # the message holds its own copy: free the inflated body before objects are built
     if not msg.model_id:
         raise InvalidInput("model_id is required")
     # proto3 cannot tell an unset seq_id from 0; the SDK always sends 1, 2, 3... (§4.3, §7.2).
@@ -49,19 +107,57 @@ def decode_forward_backward(
         raise InvalidInput("seq_id is required (training requests number from 1)")
     if msg.seq_id < 0:
         raise InvalidInput(f"seq_id must be positive, got {msg.seq_id}")
+    try:
+        op = _content(msg, limits)
+    except (InvalidInput, MalformedRequest) as exc:
+        return DecodedForwardBackward(msg.model_id, msg.seq_id, None, exc)
+    return DecodedForwardBackward(msg.model_id, msg.seq_id, op)
+
+
+def _content(msg: pb.ForwardBackwardRequest, limits: DecodeLimits) -> ForwardBackwardOp:
     if not msg.loss_fn:
         raise InvalidInput("loss_fn is required")
     if not msg.data:
         raise InvalidInput("data is empty: forward_backward needs at least one datum")
-    budget = SparseBudget(max_decompressed_bytes)
+    check_bounds(msg, limits)
+    budget = SparseBudget(limits.max_decompressed_bytes)
     data = tuple(_datum(d, i, budget) for i, d in enumerate(msg.data))
-    op = ForwardBackwardOp(
+    return ForwardBackwardOp(
         data=data,
         loss_fn=msg.loss_fn,
         loss_fn_config=_loss_fn_config(msg),
         forward_only=msg.forward_only,
     )
-    return msg.model_id, msg.seq_id, op
+
+
+def check_bounds(msg: pb.ForwardBackwardRequest, limits: DecodeLimits) -> None:
+    """Counts read from the message's lengths, no element touched: datums, chunks, tokens and
+    tensor elements, checked before anything is materialised."""
+    if limits.max_datums is not None and len(msg.data) > limits.max_datums:
+        raise InvalidInput(f"{len(msg.data)} datums exceed the per-request limit {limits.max_datums}")
+    per_datum = limits.max_tokens_per_datum
+    total = 0
+    elements = 0
+    for i, datum in enumerate(msg.data):
+        # A chunk holds at least one token, so this also bounds the loop below.
+        if per_datum is not None and len(datum.model_input) > per_datum:
+            raise InvalidInput(f"datum {i}: {len(datum.model_input)} chunks exceed the maximum length {per_datum}")
+        n = sum(len(c.encoded_text.tokens) // 4 for c in datum.model_input if c.WhichOneof("chunk") == "encoded_text")
+        if per_datum is not None and n > per_datum:
+            raise InvalidInput(f"datum {i}: {n} tokens exceed the model's maximum length {per_datum}")
+        total += n
+        if limits.max_tokens is not None and total > limits.max_tokens:
+            raise InvalidInput(
+                f"the request carries more than {limits.max_tokens} tokens (max_tokens_per_request); split the batch"
+            )
+        if len(datum.loss_fn_inputs) > _MAX_INPUTS_PER_DATUM:
+            raise InvalidInput(f"datum {i}: {len(datum.loss_fn_inputs)} loss_fn_inputs; no loss reads that many")
+        for name in datum.loss_fn_inputs:
+            elements += tensor_elements(datum.loss_fn_inputs[name])
+        if limits.max_tokens is not None and elements > _ELEMENTS_PER_TOKEN * limits.max_tokens:
+            raise InvalidInput(
+                f"the request's loss_fn_inputs carry more than {_ELEMENTS_PER_TOKEN * limits.max_tokens} values"
+            )
 
 
 def _datum(msg: pb.Datum, index: int, budget: SparseBudget) -> Datum:

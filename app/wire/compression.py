@@ -19,8 +19,9 @@ _MIN_STEP = 64
 _SLACK = 4 << 20  # how far past the cap a hostile body may get before being stopped
 
 
-def decompress_body(body: bytes, content_encoding: str | None, max_decompressed_bytes: int) -> bytes:
-    """Return the body as sent before compression, never more than `max_decompressed_bytes` long."""
+def decompress_body(body: bytes, content_encoding: str | None, max_decompressed_bytes: int) -> bytes | bytearray:
+    """Return the body as sent before compression, never more than `max_decompressed_bytes` long
+    (a bytearray when inflated: copying it into bytes would double the peak memory)."""
     encoding = (content_encoding or "").strip().lower()
     if encoding in _IDENTITY:
         if len(body) > max_decompressed_bytes:
@@ -31,7 +32,7 @@ def decompress_body(body: bytes, content_encoding: str | None, max_decompressed_
     return _inflate_zstd(body, max_decompressed_bytes)
 
 
-def _inflate_zstd(body: bytes, limit: int) -> bytes:
+def _inflate_zstd(body: bytes, limit: int) -> bytearray:
     # The declared size, when present, lets an honest oversized body fail before any work.
     try:
         declared = zstandard.frame_content_size(body)
@@ -61,4 +62,4 @@ def _inflate_zstd(body: bytes, limit: int) -> bytes:
             pending = frame.unused_data + pending[offset:]
     except zstandard.ZstdError as exc:
         raise MalformedRequest(f"request body is not valid zstd data: {exc}") from exc
-    return bytes(out)
+    return out

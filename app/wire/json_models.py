@@ -8,13 +8,13 @@ accepted and ignored. Semantic checks that produce domain ops live in `app.wire.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from app.domain.errors import InvalidInput, MalformedRequest
 from app.domain.ids import run_id_for
+from app.wire import json_guard
 
 
 class WireModel(BaseModel):
@@ -28,10 +28,9 @@ M = TypeVar("M", bound=WireModel)
 def parse_body(model: type[M], body: bytes | str | dict[str, Any]) -> M:
     """Validate a request body, turning parse failures into domain errors with readable messages."""
     if isinstance(body, bytes | str):
-        try:
-            body = json.loads(body or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise MalformedRequest(f"request body is not valid JSON: {exc}") from exc
+        body = json_guard.loads(body)
+    else:
+        json_guard.check(body)
     if not isinstance(body, dict):
         raise MalformedRequest("request body must be a JSON object")
     try:
@@ -124,7 +123,9 @@ class TelemetryRequest(WireModel):
 
 class LoraConfigModel(WireModel):
     rank: int = 32
-    seed: int | None = None
+    # torch seeds its generators from any 64-bit value, signed or not; anything wider would be
+    # accepted here and then fail every attempt to build the adapter.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -185,7 +186,8 @@ class SaveWeightsForSamplerRequest(WireModel):
 
     model_id: str
     path: str | None = None
-    sampling_session_seq_id: int | None = None
+    # Names the sampler the save creates (`<session>:sample:<n>`), stored as an int64.
+    sampling_session_seq_id: int | None = Field(None, ge=0, lt=2**63)
     kind: Literal["snapshot", "inflight"] = "snapshot"  # 0.38; absent in 0.25
     seq_id: int | None = Field(None, le=2**31 - 1)
     ttl_seconds: int | None = None
@@ -206,7 +208,7 @@ class LoadWeightsRequest(WireModel):
     model_id: str | None = None
     seq_id: int | None = Field(None, le=2**31 - 1)
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: int | None = Field(None, le=2**31 - 1)
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
     path: str
@@ -237,11 +239,13 @@ class ChunkModel(WireModel):
     """One `ModelInput` chunk, kept loose so unsupported kinds get a clear error in translate."""
 
     type: str = "encoded_text"
-    tokens: list[int] | None = None
+    # Far above any model's context (the exact bound is checked against the sampler's model);
+    # it keeps the work done on a parsed body bounded before that check.
+    tokens: list[int] | None = Field(None, max_length=1 << 20)
 
 
 class ModelInputModel(WireModel):
-    chunks: list[ChunkModel] = Field(default_factory=list)
+    chunks: list[ChunkModel] = Field(default_factory=list, max_length=1 << 16)
 
 
 class SamplingParamsModel(WireModel):
@@ -256,7 +260,7 @@ class SamplingParamsModel(WireModel):
 
 class CreateSamplingSessionRequest(WireModel):
     session_id: str
-    sampling_session_seq_id: int = Field(ge=0)
+    sampling_session_seq_id: int = Field(ge=0, lt=2**63)
     base_model: str | None = None
     model_path: str | None = None
 

@@ -71,6 +71,15 @@ class SparseBudget:
         self.remaining -= nbytes
 
 
+def tensor_elements(msg: pb.Tensor) -> int:
+    """How many elements the tensor declares (its shape, else its dense bytes), read without
+    decoding anything: the API bounds requests by it before building arrays."""
+    if msg.shape:
+        return math.prod(max(int(d), 0) for d in msg.shape)
+    wire = _WIRE_DTYPES.get(msg.dtype)
+    return len(msg.dense) // wire.itemsize if wire is not None else 0
+
+
 def array_from_proto(msg: pb.Tensor, what: str, budget: SparseBudget) -> Array:
     """Decode one `Tensor` into a dense `Array`; `what` names it in error messages."""
     wire = _WIRE_DTYPES.get(msg.dtype)

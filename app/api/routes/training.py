@@ -8,27 +8,28 @@ for a seq_id that would otherwise never exist (tinker-protocol.md §4.3: ops run
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from google.protobuf.message import DecodeError
 from pydantic import BaseModel
 from sqlalchemy.orm import Session as DbSession
 from starlette.concurrency import run_in_threadpool
 
+from app.api.decoding import gate_of
 from app.api.deps import State, Tenant, body_as
 from app.api.state import AppState
 from app.api.validation import check_forward_backward
 from app.db.models import Run
-from app.domain.errors import DomainError, InvalidInput, MalformedRequest, NotFound
+from app.domain.errors import InvalidInput, NotFound
 from app.domain.ids import parse_tinker_path
 from app.domain.ops import LoraConfig
 from app.queue import checkpoints, submit
+from app.queue.commit import blocked_message
 from app.queue.submit import Wakeup
 from app.wire import translate
-from app.wire.codec import decode_forward_backward
-from app.wire.compression import decompress_body
+from app.wire.codec import DecodedForwardBackward, DecodeLimits, decode_forward_backward_located
 from app.wire.json_models import (
     CreateModelRequest,
     GetInfoRequest,
@@ -39,7 +40,6 @@ from app.wire.json_models import (
     SaveWeightsRequest,
     WeightsInfoRequest,
 )
-from app.wire.proto import pb
 
 router = APIRouter()
 
@@ -53,16 +53,22 @@ def _submit_run_op(
         run = submit.get_run(s, tenant, model_id)
         op: BaseModel | None = None
         rejected: str | None = None
+        category = "user"
         if run.status == "cancelled":
-            # Paused and blocked runs still queue ops: an operator may resume them.
             rejected = f"training run {model_id} was cancelled; it accepts no new operations"
+        elif run.status == "blocked":
+            # Its queued ops were failed when it blocked; a new one would wait for an operator
+            # with nobody told. A paused run still queues: the operator paused it on purpose.
+            rejected, category = blocked_message(model_id, run.status_reason or "unknown reason"), "server"
         else:
             try:
                 op = build(s, run)
             except (InvalidInput, NotFound) as exc:
                 rejected = exc.message
         if rejected is not None and op is None:
-            sub = submit.submit_run_op(s, run, seq, None, rejected=rejected, kind=kind, raw=raw)
+            sub = submit.submit_run_op(
+                s, run, seq, None, rejected=rejected, kind=kind, raw=raw, rejected_category=category
+            )
         else:
             sub = submit.submit_run_op(s, run, seq, op, rejected=rejected)
         return sub.request_id, [sub.wakeup] if sub.wakeup else []
@@ -117,51 +123,75 @@ async def get_info(request: Request, state: State, tenant: Tenant) -> dict[str, 
     return await run_in_threadpool(work)
 
 
-def _seq_of_broken_body(body: bytes, encoding: str | None, limit: int) -> tuple[str, int] | None:
-    """(model_id, seq_id) of a forward_backward whose content is invalid but whose envelope parses."""
-    try:
-        msg = pb.ForwardBackwardRequest.FromString(decompress_body(body, encoding, limit))
-    except (DecodeError, DomainError):
-        return None
-    return (msg.model_id, msg.seq_id) if msg.model_id and msg.seq_id > 0 else None
+def _rejected(message: str) -> OpBuilder:
+    def build(_s: DbSession, _run: Run) -> BaseModel:
+        raise InvalidInput(message)
+
+    return build
 
 
 @router.post("/api/v1/forward_backward")
 async def forward_backward(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
-    body = await request.body()
     encoding = request.headers.get("content-encoding")
-    limit = state.settings.max_decompressed_bytes
+    settings = state.settings
+    limits = DecodeLimits(
+        max_decompressed_bytes=settings.max_decompressed_bytes,
+        max_datums=settings.max_datums_per_request,
+        max_tokens_per_datum=state.catalog.max_model_len(),
+        max_tokens=settings.max_tokens_per_request,
+    )
+
+    def decode(body: bytes) -> tuple[DecodedForwardBackward, bytes]:
+        # In a decode thread (app/api/decoding.py): inflate, parse, bound, build and check the op
+        # against the run's model, all before the write transaction.
+        decoded = decode_forward_backward_located(body, encoding, limits)
+        if decoded.op is None:
+            return decoded, body
+        with state.db.read() as s:
+            base_model = submit.get_run(s, tenant, decoded.model_id).base_model
+        try:
+            check_forward_backward(
+                decoded.op,
+                vocab=state.catalog.vocab_size(base_model),
+                max_len=state.catalog.get(base_model).max_model_len,
+                max_datums=settings.max_datums_per_request,
+            )
+        except InvalidInput as exc:
+            return DecodedForwardBackward(decoded.model_id, decoded.seq_id, None, exc), body
+        return decoded, body
+
+    decoded, body = await gate_of(request).decode(request, tenant, decode)
+    op = decoded.op
+    # A body whose envelope parses names its (model, seq): a content error is recorded there, or
+    # every later op of the run would wait forever for this seq_id.
+    if op is None:
+        build = _rejected(decoded.error.message if decoded.error is not None else "invalid forward_backward")
+    else:
+
+        def build(_s: DbSession, _run: Run) -> BaseModel:
+            return op
+
+    request_id = await run_in_threadpool(
+        _submit_run_op, state, tenant, decoded.model_id, decoded.seq_id, "forward_backward", build, body
+    )
+    return {"request_id": request_id, "model_id": decoded.model_id}
+
+
+def _locate_json(body: bytes) -> tuple[str, int] | None:
+    """(model_id, seq_id) of a JSON training request whose other fields are invalid, when both
+    are themselves usable; None otherwise (the request is then a plain 400)."""
     try:
-        model_id, seq, op = decode_forward_backward(body, encoding, limit)
-    except (InvalidInput, MalformedRequest) as exc:
-        # A body whose envelope parses names its (model, seq): record the failure there, or
-        # every later op of the run would wait forever for this seq_id.
-        located = _seq_of_broken_body(body, encoding, limit)
-        if located is None:
-            raise
-        model_id, seq = located
-        message = exc.message
-
-        def rejected(_s: DbSession, _run: Run) -> BaseModel:
-            raise InvalidInput(message)
-
-        request_id = await run_in_threadpool(
-            _submit_run_op, state, tenant, model_id, seq, "forward_backward", rejected, body
-        )
-        return {"request_id": request_id, "model_id": model_id}
-
-    def build(_s: DbSession, run: Run) -> BaseModel:
-        spec = state.catalog.get(run.base_model)
-        check_forward_backward(
-            op,
-            vocab=state.catalog.vocab_size(run.base_model),
-            max_len=spec.max_model_len,
-            max_datums=state.settings.max_datums_per_request,
-        )
-        return op
-
-    request_id = await run_in_threadpool(_submit_run_op, state, tenant, model_id, seq, "forward_backward", build, body)
-    return {"request_id": request_id, "model_id": model_id}
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    model_id, seq = value.get("model_id"), value.get("seq_id")
+    if not isinstance(model_id, str) or not 0 < len(model_id) <= 100 or "\x00" in model_id:
+        return None
+    if not model_id.isascii() or type(seq) is not int or not 0 < seq <= 2**31 - 1:
+        return None
+    return model_id, seq
 
 
 async def _json_run_op(
@@ -172,8 +202,21 @@ async def _json_run_op(
     kind: str,
     to_op: Callable[[Any], BaseModel],
 ) -> dict[str, Any]:
+    try:
+        req = await body_as(request, model)
+    except InvalidInput as exc:
+        # As for forward_backward: a request that names its (model, seq) gets a failed future at
+        # that seq, so the run does not wait forever for it.
+        body = await request.body()
+        located = await run_in_threadpool(_locate_json, body) if len(body) > 65536 else _locate_json(body)
+        if located is None:
+            raise
+        model_id, seq = located
+        request_id = await run_in_threadpool(
+            _submit_run_op, state, tenant, model_id, seq, kind, _rejected(exc.message), body
+        )
+        return {"request_id": request_id, "model_id": model_id}
     body = await request.body()
-    req = await body_as(request, model)
     seq = translate.require_seq_id(req.seq_id)
 
     def build(_s: DbSession, _run: Run) -> BaseModel:
@@ -221,9 +264,11 @@ async def save_weights_external(request: Request, state: State, tenant: Tenant) 
 async def load_weights(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
     body = await request.body()
     req = await body_as(request, LoadWeightsRequest)
-    if not req.creates_model:
+    if req.model_id is None and req.session_id is None:
+        raise InvalidInput("load_weights needs model_id (+seq_id), or session_id and model_seq_id")
+    if req.model_id is not None:
         seq = translate.require_seq_id(req.seq_id)
-        assert req.model_id is not None
+        model_id = req.model_id
 
         def build(s: DbSession, run: Run) -> BaseModel:
             op = translate.load_weights_to_op(req)
@@ -239,10 +284,8 @@ async def load_weights(request: Request, state: State, tenant: Tenant) -> dict[s
                 raise InvalidInput(f"{op.path} holds no optimizer state (save it with save_state)")
             return op
 
-        request_id = await run_in_threadpool(
-            _submit_run_op, state, tenant, req.model_id, seq, "load_weights", build, body
-        )
-        return {"request_id": request_id, "model_id": req.model_id}
+        request_id = await run_in_threadpool(_submit_run_op, state, tenant, model_id, seq, "load_weights", build, body)
+        return {"request_id": request_id, "model_id": model_id}
 
     # 0.38's create_training_client_from_state: one load_weights creates the run (seq 0) from the
     # checkpoint's configuration, under the id the SDK derives itself (§0.8).
