@@ -41,6 +41,10 @@ class Settings(BaseModel):
     data_dir: Path = Path("~/.tuft")
     # Defaults to <data_dir>/checkpoints. Must be shared storage when workers run on several hosts.
     checkpoint_dir: Path | None = None
+    # Checkpoint folders no row names (a save whose commit never landed, a crash before an
+    # overwritten save's cleanup) are removed by the sweeper once untouched this long, and only
+    # if the attempt that wrote them can no longer commit (docs/checkpoints.md "Files").
+    checkpoint_orphan_grace_seconds: float = Field(3600.0, gt=0)
     # None means the embedded default: SQLite file <data_dir>/tuft.db and no broker.
     database_url: str | None = None
     redis_url: str | None = None

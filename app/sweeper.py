@@ -3,19 +3,19 @@ active at a time, and another takes over within a TTL if that process dies."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
+from app.checkpoint_store import CheckpointStore
 from app.config import Settings
 from app.db.engine import Database
 from app.doorbell import Doorbell
-from app.queue import checkpoints
 from app.queue.sweeper import SweepReport, hold_singleton, run_pass
 
 log = logging.getLogger("tuft.sweeper")
@@ -23,21 +23,16 @@ log = logging.getLogger("tuft.sweeper")
 
 def remove_checkpoint_files(db: Database, checkpoint_dir: Path, storage_paths: list[str]) -> int:
     """Delete the folders of checkpoints whose rows are gone (committed). Rows go first, files
-    after: a crash in between leaves orphan files, never a listed checkpoint without files."""
-    if not storage_paths:
-        return 0
-    with db.read() as s:
-        keep = checkpoints.in_use(s, storage_paths)
-    removed = 0
-    for rel in storage_paths:
-        if rel not in keep:
-            folder = checkpoint_dir / rel
-            shutil.rmtree(folder, ignore_errors=True)
-            # The name's folder too, once its last save is gone (fails harmlessly if one remains).
-            with contextlib.suppress(OSError):
-                folder.parent.rmdir()
-            removed += 1
-    return removed
+    after: a crash in between leaves orphan files (swept later), never a listed checkpoint without
+    files. A folder some row still names stays."""
+    return CheckpointStore(checkpoint_dir).remove_unregistered(db, storage_paths)
+
+
+def orphan_scan_interval(settings: Settings) -> float:
+    """How often the active sweeper walks the checkpoint tree for orphans: a fraction of the grace
+    period (an orphan waits at most grace + interval), at most every 10 minutes, never more often
+    than a sweep."""
+    return max(settings.sweep_interval_seconds, min(settings.checkpoint_orphan_grace_seconds / 4, 600.0))
 
 
 class SweeperThread(threading.Thread):
@@ -49,6 +44,7 @@ class SweeperThread(threading.Thread):
         self.stop_event = threading.Event()
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.passes = 0
+        self._next_orphan_scan = 0.0  # monotonic; the first active pass scans
 
     def run_once(self) -> SweepReport | None:
         interval = self.settings.sweep_interval_seconds
@@ -82,8 +78,20 @@ class SweeperThread(threading.Thread):
                 len(report.dead_workers),
                 report.requeued_samples,
             )
+        if time.monotonic() >= self._next_orphan_scan:
+            self._next_orphan_scan = time.monotonic() + orphan_scan_interval(self.settings)
+            self.sweep_checkpoint_orphans()
         self.passes += 1
         return report
+
+    def sweep_checkpoint_orphans(self) -> list[str]:
+        """Orphaned checkpoint folders (app/checkpoint_store.py); a failure waits for the next scan."""
+        store = CheckpointStore(self.settings.resolved_checkpoint_dir())
+        try:
+            return store.sweep_orphans(self.db, self.settings.checkpoint_orphan_grace_seconds)
+        except Exception as exc:
+            log.warning("sweeper: checkpoint orphan scan failed: %s", exc)
+            return []
 
     def run(self) -> None:
         while not self.stop_event.wait(self.settings.sweep_interval_seconds):

@@ -1,22 +1,22 @@
 """Executing one op on the engine: domain op in, Outcome out.
 
 Kept apart from the loop (runner.py) so that recovery replays ops through exactly the same code.
-Checkpoint files are written here (temporary name, fsync, rename) before the fenced commit that
-registers them, so a registered checkpoint always has complete files.
+Checkpoint files are written here through the checkpoint store (a staging folder of the attempt's
+own, sealed, renamed) before the fenced commit that registers them, so a registered checkpoint
+always has complete files.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from app.checkpoint_store import CheckpointStore, Pending
 from app.domain.ops import ForwardBackwardOp, LoadWeightsOp, LoraConfig, OptimStepOp, SampleOp, SaveWeightsOp
 from app.domain.results import ForwardBackwardResult, OptimStepResult, SampleResult
-from app.files import fsync_path
+from workers.faults import fault
 
 log = logging.getLogger(__name__)
 
@@ -46,38 +46,30 @@ class SavedFiles:
 
 def write_checkpoint(
     engine: Engine,
+    store: CheckpointStore,
     *,
-    checkpoint_dir: Path,
-    storage_path: str,
     run_id: str,
     op: SaveWeightsOp,
-    request_id: str,
+    name: str,
+    made_by: str,
     manifest: dict[str, Any],
-) -> SavedFiles:
-    """Write the run's adapter (and optimizer for training checkpoints) atomically at storage_path."""
-    final = checkpoint_dir / storage_path
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{request_id}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with_optimizer = op.checkpoint_kind == "training"
+) -> tuple[SavedFiles, Pending]:
+    """Write the run's adapter (and optimizer for training checkpoints) into a folder of this
+    attempt's own (app/checkpoint_store.py): staged, sealed, renamed into place. The caller
+    registers it under the fence, and discards it (`Pending.discard`) if that never lands."""
+    pending = store.begin(run_id, op.checkpoint_kind, name, made_by)
     try:
-        size = engine.save_run(run_id, tmp, with_optimizer)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        fsync_path(tmp)
+        size = engine.save_run(run_id, pending.staging, op.checkpoint_kind == "training")
+        pending.seal(manifest)
+        # A worker paused here (issue 7 item 1) used to find its run's save redone under the same
+        # names when it woke; now nobody else can have touched this attempt's folders.
+        fault("checkpoint_sealed")
+        pending.publish()
     except BaseException:
-        # A full disk or a failed export: leave no half-written folder to fill the disk further.
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A full disk, a failed export or a failed rename: leave nothing of ours behind.
+        pending.discard()
         raise
-    if final.exists():
-        # A replay of this very save after a crash (each save has a folder of its own): redo it.
-        trash = final.parent / f".{final.name}.old-{request_id}"
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    tmp.rename(final)
-    fsync_path(final.parent)
-    return SavedFiles(storage_path, size)
+    return SavedFiles(pending.storage_path, size), pending
 
 
 def apply_mutation(engine: Engine, run_id: str, op: object, resolve_dir: Any) -> object:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DbSession
 
+from app.checkpoint_store import CheckpointStore
 from app.config import Settings
 from app.db.engine import Database
 from app.db.models import Run, Sampler
@@ -60,6 +60,7 @@ class Runner:
         self.engine = engine
         self.worker_id = worker_id
         self.checkpoint_dir = settings.resolved_checkpoint_dir()
+        self.store = CheckpointStore(self.checkpoint_dir)
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.user_errors: tuple[type[BaseException], ...] = (UserError, DomainError, *user_errors)
@@ -68,8 +69,10 @@ class Runner:
         # Monotonic time of the last successful lease renewal (set by the heartbeat thread).
         self.last_renewal = time.monotonic()
         self.fenced_commits = 0
-        # File work that may only happen once the current op's commit has landed.
-        self._after_commit: list[Callable[[], None]] = []
+        # File work that may only happen once the current op's commit has landed, and what to do
+        # with the op's own files if it does not land (fenced off, or the op failed).
+        self._after_commit: list[Callable[[], object]] = []
+        self._abandon: list[Callable[[], object]] = []
 
     # ---- loop ------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -170,7 +173,7 @@ class Runner:
         domain_op = parse_op(op.payload)
         steps_before = self.engine.optimizer_steps(op.run_id)
         extra: Callable[[DbSession], None] | None = None
-        self._after_commit = []
+        self._after_commit, self._abandon = [], []
         try:
             fault(f"before_engine_{op.kind}")
             result, extra = self._execute(op, domain_op)
@@ -207,6 +210,7 @@ class Runner:
             self.fenced_commits += 1
             log.warning("FENCED commit rejected: %s; dropping the run's state", exc)
             self.states.discard(op.run_id)
+            self._file_actions(self._abandon)
             return
         except self.user_errors as exc:
             # Raised by `extra` (e.g. a checkpoint name taken meanwhile): record it as the outcome.
@@ -214,9 +218,7 @@ class Runner:
             outcome, extra = Outcome(error_message=str(exc), error_category="user"), None
             self._commit(_write)
         fault(f"after_commit_{op.kind}")
-        if not outcome.failed:
-            for cleanup in self._after_commit:
-                cleanup()
+        self._file_actions(self._abandon if outcome.failed else self._after_commit)
         if self.engine.has_run(op.run_id):
             self.states.advance(op.run_id, op.epoch, op.seq)
             if not outcome.failed:
@@ -247,7 +249,6 @@ class Runner:
                 raise UserError(
                     f"checkpoint {name!r} already exists for {op.run_id}; pass overwrite=True to replace it"
                 )
-        storage = checkpoints.storage_path_for(op.run_id, save.checkpoint_kind, name, op.request_id)
         path = ids.checkpoint_path(op.run_id, save.checkpoint_kind, name)
         manifest = {
             "tinker_path": path,
@@ -257,36 +258,36 @@ class Runner:
             "lora_config": lora,
             "optimizer_steps": self.engine.optimizer_steps(op.run_id),
             "format": "peft-lora",
+            # Which attempt wrote the folder: the sweeper keeps an unregistered folder while that
+            # attempt may still commit (app/checkpoint_store.py, sweep_orphans).
+            "written_by": {
+                "request_id": op.request_id,
+                "attempt": op.attempt + 1,  # claim_run_op counted this attempt
+                "epoch": op.epoch,
+                "worker": self.worker_id,
+            },
         }
-        files = write_checkpoint(
-            self.engine,
-            checkpoint_dir=self.checkpoint_dir,
-            storage_path=storage,
-            run_id=op.run_id,
-            op=save,
-            request_id=op.request_id,
-            manifest=manifest,
+        files, pending = write_checkpoint(
+            self.engine, self.store, run_id=op.run_id, op=save, name=name, made_by=op.request_id, manifest=manifest
         )
         sampler_id = None
         if save.name is None and save.sampling_session_seq_id is not None:
             sampler_id = ids.sampler_id_for(session_id, save.sampling_session_seq_id)
 
         # The folder of the row this save replaces (overwritten, or expired and not yet swept),
-        # read in the committing transaction; removed once that commit has landed. A crash in
-        # between leaves an orphan folder, never a row without files.
-        replaced: list[Path] = []
-
-        def _remove_replaced() -> None:
-            for folder in replaced:
-                shutil.rmtree(folder, ignore_errors=True)
-
-        self._after_commit.append(_remove_replaced)
+        # read in the committing transaction; removed once that commit has landed (and only if no
+        # row names it then). If the commit does not land, this attempt removes its own folder,
+        # unless a row names it after all (a commit whose acknowledgement was lost). A crash in
+        # between leaves an orphan folder for the sweeper, never a row without files.
+        replaced: list[str] = []
+        self._after_commit.append(lambda: self.store.remove_unregistered(self.db, replaced))
+        self._abandon.append(lambda: self.store.remove_unregistered(self.db, [pending.storage_path]))
 
         def _register(s: DbSession) -> None:
             replaced.clear()  # a retried commit reads it again
             previous = checkpoints.find(s, op.run_id, save.checkpoint_kind, name, expired=True)
             if previous is not None and previous.storage_path != files.storage_path:
-                replaced.append(self.checkpoint_dir / previous.storage_path)
+                replaced.append(previous.storage_path)
             checkpoints.record(
                 s,
                 tenant=tenant,
@@ -322,13 +323,22 @@ class Runner:
         )
         return result, _register
 
+    def _file_actions(self, actions: list[Callable[[], object]]) -> None:
+        """Checkpoint file work after a commit's fate is known. Never fails the op (its outcome is
+        already committed or fenced off): whatever is left behind, the sweeper removes later."""
+        for action in actions:
+            try:
+                action()
+            except Exception as exc:
+                log.warning("checkpoint file cleanup left for the sweeper: %s", exc)
+
     def _resolve_checkpoint_dir(self, tinker_path: str) -> Path:
         parsed = ids.parse_tinker_path(tinker_path)
         with self.db.read() as s:
             row = checkpoints.find(s, parsed.run_id, parsed.kind, parsed.name)
             if row is None:
                 raise UserError(f"checkpoint {tinker_path} not found")
-            return self.checkpoint_dir / row.storage_path
+            return self.store.folder(row.storage_path)
 
     # ---- sampling --------------------------------------------------------------------------
     def _sample_once(self) -> bool:

@@ -1,8 +1,8 @@
-"""Checkpoint records. Files live under the checkpoint directory; rows say who may read them."""
+"""Checkpoint records: rows say who may read what. Their files (layout, writing, copying, deleting)
+belong to app/checkpoint_store.py."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, or_, select
@@ -16,18 +16,6 @@ from app.domain.ops import MAX_TTL_SECONDS
 
 # The SDK documents TTLs of "1 hour to 10 years"; we accept any positive number of seconds (tests
 # and scripts use short ones) up to the same ceiling.
-
-
-def storage_path_for(run_id: str, kind: str, name: str, made_by: str) -> str:
-    """Relative directory of a checkpoint: `<run>/<kind>/<name>/<tag of the op that made it>`.
-
-    Each save gets a folder of its own, so removing the files of a deleted, expired or replaced
-    checkpoint can never touch those of a newer checkpoint saved under the same name meanwhile;
-    a retried save (the same op) writes the same folder again. Run ids are `<session>:train:<n>`;
-    ':' is replaced so the tree stays portable to filesystems that refuse it (names are validated,
-    ids.py)."""
-    tag = hashlib.sha256(made_by.encode()).hexdigest()[:16]
-    return f"{run_id.replace(':', '_')}/{kind}/{name}/{tag}"
 
 
 def _live(now: float) -> ColumnElement[bool]:
@@ -287,12 +275,3 @@ def record_sampler(
     s.add(sampler)
     s.flush()
     return sampler
-
-
-def in_use(s: DbSession, storage_paths: list[str]) -> set[str]:
-    """Those of `storage_paths` a row still names: their files must stay. Each save has its own
-    folder, so this only matters for rows written before that layout, whose re-saves reused the
-    name's folder."""
-    if not storage_paths:
-        return set()
-    return set(s.execute(select(Checkpoint.storage_path).where(Checkpoint.storage_path.in_(storage_paths))).scalars())

@@ -18,6 +18,7 @@ from tinker.proto import tinker_public_pb2 as sdk_pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from app.api.main import create_app
+from app.checkpoint_store import new_storage_path
 from app.config import DEV_API_KEY, Settings, load_settings
 from app.db import migrate
 from app.db.engine import Database
@@ -271,7 +272,7 @@ def record_checkpoint(
             run_id=model_id,
             kind=kind,
             name=name,
-            storage_path=checkpoints.storage_path_for(model_id, kind, name, f"req-test-{name}"),
+            storage_path=new_storage_path(model_id, kind, name, f"req-test-{name}"),
             base_model=run.base_model,
             lora_config=dict(run.lora_config),
             with_optimizer=with_optimizer,

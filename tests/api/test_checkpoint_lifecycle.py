@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select, update
 from tinker import types
 
+from app.checkpoint_store import new_storage_path
 from app.db.engine import db_now
 from app.db.models import Checkpoint, Run, Session
 from app.queue import checkpoints
@@ -55,7 +56,7 @@ def make(
             run_id=model_id,
             kind=kind,
             name=name,
-            storage_path=checkpoints.storage_path_for(model_id, kind, name, request_id),
+            storage_path=new_storage_path(model_id, kind, name, request_id),
             base_model=run.base_model,
             lora_config=dict(run.lora_config),
             with_optimizer=kind == "training",
@@ -564,7 +565,7 @@ def test_expire_checkpoints_deletes_only_expired_rows_and_keeps_reused_folders(d
                 run_id=run_id,
                 kind="training",
                 name=name,
-                storage_path=checkpoints.storage_path_for(run_id, "training", name, request_id),
+                storage_path=new_storage_path(run_id, "training", name, request_id),
                 base_model="m",
                 lora_config={"rank": 2},
                 with_optimizer=True,

@@ -25,6 +25,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
+from app.checkpoint_store import new_storage_path
 from app.config import ConfigError, load_settings
 from app.db.models import Checkpoint, Run
 from app.queue import checkpoints
@@ -40,7 +41,7 @@ ADAPTER_CONFIG = {"peft_type": "LORA", "r": 8, "base_model_name_or_path": "tuft/
 def _save(api: Api, model_id: str, kind: str, name: str, *, request_id: str | None = None) -> str:
     """Record a checkpoint row and write its folder; returns the REST URL prefix of the checkpoint."""
     request_id = request_id or f"req-test-{name}"
-    storage = checkpoints.storage_path_for(model_id, kind, name, request_id)
+    storage = new_storage_path(model_id, kind, name, request_id)
     folder = api.settings.resolved_checkpoint_dir() / storage
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG))

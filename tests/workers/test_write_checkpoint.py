@@ -1,5 +1,6 @@
-"""write_checkpoint: files appear atomically at their final folder, and a failed export (a full
-disk) leaves nothing behind. The engine is a fake of our own Engine port: only save_run is used."""
+"""write_checkpoint: files appear atomically at their final folder, each attempt in a folder of its
+own, and a failed export (a full disk) leaves nothing behind. The engine is a fake of our own
+Engine port: only save_run is used."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from app.checkpoint_store import CheckpointStore
 from app.domain.ops import SaveWeightsOp
-from app.queue.checkpoints import storage_path_for
-from workers.execute import write_checkpoint
+from workers.execute import SavedFiles, write_checkpoint
 
 RUN = "s-1:train:0"
 
@@ -31,35 +32,63 @@ class Exporter:
         return 15
 
 
-def _write(root: Path, engine: Any, request_id: str) -> Any:
+def _write(store: CheckpointStore, engine: Any, request_id: str) -> SavedFiles:
     op = SaveWeightsOp(checkpoint_kind="training", name="step-1")
-    return write_checkpoint(
+    saved, _pending = write_checkpoint(
         engine,
-        checkpoint_dir=root,
-        storage_path=storage_path_for(RUN, "training", "step-1", request_id),
+        store,
         run_id=RUN,
         op=op,
-        request_id=request_id,
+        name="step-1",
+        made_by=request_id,
         manifest={"tinker_path": f"tinker://{RUN}/weights/step-1"},
     )
+    return saved
 
 
-def test_files_land_in_the_save_s_own_folder(tmp_path: Path) -> None:
-    saved = _write(tmp_path, Exporter(), "req-a")
+def test_files_land_in_the_attempt_s_own_folder(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    saved = _write(store, Exporter(), "req-a")
     folder = tmp_path / saved.storage_path
     assert saved.size_bytes == 15
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_model.safetensors", "manifest.json", "optimizer.pt"]
-    assert json.loads((folder / "manifest.json").read_text())["tinker_path"].endswith("/weights/step-1")
-    # Another save of the same name gets another folder beside it; a replay of the same op, the same.
-    other = _write(tmp_path, Exporter(), "req-b")
-    assert other.storage_path != saved.storage_path and (tmp_path / saved.storage_path).is_dir()
-    assert _write(tmp_path, Exporter(), "req-a").storage_path == saved.storage_path
-    assert len(list(folder.parent.iterdir())) == 2  # no temporary folders left
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["tinker_path"].endswith("/weights/step-1")
+    assert sorted(manifest["files"]) == ["adapter_model.safetensors", "optimizer.pt"]
+    assert store.verify(saved.storage_path) is None
+    # Another save of the same name gets another folder beside it; so does another attempt of the
+    # same op (a retry, or a worker that took the run over): nobody writes into another's folder.
+    other = _write(store, Exporter(), "req-b")
+    again = _write(store, Exporter(), "req-a")
+    assert len({saved.storage_path, other.storage_path, again.storage_path}) == 3
+    assert (folder / "optimizer.pt").read_bytes() == b"o" * 5
+    assert len(list(folder.parent.iterdir())) == 3  # no temporary folders left
+
+
+def test_verify_names_what_is_wrong(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    saved = _write(store, Exporter(), "req-a")
+    folder = tmp_path / saved.storage_path
+    (folder / "optimizer.pt").write_bytes(b"x" * 5)
+    assert store.verify(saved.storage_path) == "optimizer.pt is corrupt (sha256 mismatch)"
+    (folder / "adapter_model.safetensors").unlink()
+    assert store.verify(saved.storage_path) == "adapter_model.safetensors is missing"
 
 
 def test_a_full_disk_leaves_no_partial_folder(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
     with pytest.raises(OSError, match="No space left"):
-        _write(tmp_path, Exporter(fail_after_first=True), "req-a")
-    name_folder = tmp_path / storage_path_for(RUN, "training", "step-1", "req-a")
-    assert not name_folder.exists()
-    assert list(name_folder.parent.iterdir()) == []
+        _write(store, Exporter(fail_after_first=True), "req-a")
+    name_folder = tmp_path / RUN.replace(":", "_") / "training" / "step-1"
+    assert list(name_folder.iterdir()) == []
+
+
+def test_storage_paths_that_leave_the_root_are_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for bad in ("../x", "/etc", "a/../../b", ""):
+        with pytest.raises(ValueError):
+            store.folder(bad)
+    # The layout of rows written before per-attempt folders still resolves (no data migration).
+    assert store.folder("s-1_train_0/training/step-1/0123456789abcdef") == tmp_path / (
+        "s-1_train_0/training/step-1/0123456789abcdef"
+    )

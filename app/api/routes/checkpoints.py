@@ -8,11 +8,9 @@ checkpoint (weights_info, load_weights, sampling, copy_weights) is open to every
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
-import shutil
 import uuid
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,10 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import State, Tenant, body_as
 from app.api.routes.rest import SEGMENT, checkpoint_kind
 from app.api.state import AppState
+from app.checkpoint_store import CheckpointStore
 from app.db.models import Checkpoint, Run
 from app.domain.errors import InvalidInput, ServerError
 from app.domain.ids import TinkerPath, parse_tinker_path, run_id_for
-from app.files import fsync_path
 from app.queue import checkpoints, submit
 from app.wire.json_models import CopyWeightsRequest, SetTtlRequest
 
@@ -81,41 +79,6 @@ async def unpublish_checkpoint(run_id: str, segment: str, name: str, state: Stat
 # copy_weights (0.38)
 
 
-def _restamp(meta: Path, manifest: dict[str, Any]) -> None:
-    """The copy's manifest names the copy (and its source). One that cannot be read is left as it
-    is: the copy keeps the source's bytes."""
-    try:
-        old = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(old, dict):
-        meta.write_text(json.dumps({**old, **manifest}, indent=2, sort_keys=True))
-
-
-def _copy_files(src: Path, final: Path, manifest: dict[str, Any]) -> None:
-    """Copy into a temporary folder, then rename: `final` is complete or absent. An existing
-    `final` is the work of an earlier attempt with the same idempotency key."""
-    if final.exists():
-        return
-    if not src.is_dir():
-        raise ServerError(f"the files of {manifest['copied_from']} are missing from the checkpoint store")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.copy-{uuid.uuid4().hex[:12]}"
-    try:
-        shutil.copytree(src, tmp)
-        _restamp(tmp / "manifest.json", manifest)
-        for f in [*tmp.rglob("*"), tmp]:
-            fsync_path(f)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.exists():
-                raise  # otherwise a concurrent copy with the same key renamed first
-        fsync_path(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _copy(state: AppState, tenant: str, req: CopyWeightsRequest, source: TinkerPath, key: str) -> str:
     # The key is hashed with the tenant: two tenants' keys never meet, and the token is short
     # enough for created_by_op and a session id.
@@ -135,10 +98,20 @@ def _copy(state: AppState, tenant: str, req: CopyWeightsRequest, source: TinkerP
             submit.get_session(s, tenant, session_id)
         if s.get(Run, run_id) is not None:
             raise taken
-    storage = checkpoints.storage_path_for(run_id, src.kind, src.name, f"copy:{tenant}:{token}")
-    root = state.settings.resolved_checkpoint_dir()
-    stamp = {"tinker_path": f"tinker://{run_id}/{SEGMENT[src.kind]}/{src.name}", "run_id": run_id}
-    _copy_files(root / src.storage_path, root / storage, {**stamp, "copied_from": str(source)})
+    store = CheckpointStore(state.settings.resolved_checkpoint_dir())
+    stamp = {
+        "tinker_path": f"tinker://{run_id}/{SEGMENT[src.kind]}/{src.name}",
+        "run_id": run_id,
+        "copied_from": str(source),
+        # Not an op's attempt: the sweeper judges an unregistered copy by its age alone.
+        "written_by": {"copy": token},
+    }
+    try:
+        # A folder of this request's own (a retry with the same key copies again), so a copy never
+        # touches a folder another request wrote, registered or not.
+        storage = store.copy(src.storage_path, run_id, src.kind, src.name, f"copy:{tenant}:{token}", stamp)
+    except FileNotFoundError:
+        raise ServerError(f"the files of {source} are missing from the checkpoint store") from None
     try:
         with state.db.write() as s:
             row = checkpoints.record_copy(
@@ -157,11 +130,18 @@ def _copy(state: AppState, tenant: str, req: CopyWeightsRequest, source: TinkerP
             )
             return _path(row)
     except IntegrityError:
-        with state.db.read() as s:
-            done = checkpoints.find_copy(s, tenant, run_id, token)
-        if done is None:
-            raise taken from None
-        return _path(done)
+        store.remove(storage)  # rolled back: these files are ours alone and unregistered
+    except BaseException:
+        # The commit may have landed before the error: remove them only if no row names them;
+        # if even that cannot be checked now, the sweeper removes them once they are orphans.
+        with contextlib.suppress(Exception):
+            store.remove_unregistered(state.db, [storage])
+        raise
+    with state.db.read() as s:
+        done = checkpoints.find_copy(s, tenant, run_id, token)
+    if done is None:
+        raise taken from None
+    return _path(done)
 
 
 @router.post("/api/v1/copy_weights")

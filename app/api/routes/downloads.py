@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, Tenant
 from app.api.state import AppState
+from app.checkpoint_store import CheckpointStore
 from app.db.engine import db_now
 from app.domain.errors import InvalidInput, NotFound
 from app.domain.ids import TinkerPath, parse_checkpoint_id
@@ -45,7 +46,8 @@ router = APIRouter()
 _CHECKPOINT = "/api/v1/training_runs/{run_id}/checkpoints/{segment}/{name}"
 _CHUNK = 1 << 20
 # Marks a complete archive for 0.25's CLI (`push-hf` refuses an archive without it). A registered
-# checkpoint's folder is complete by construction: it is renamed into place before its row exists.
+# checkpoint's folder is complete by construction: it is renamed into place before its row exists,
+# and no writer touches it afterwards (app/checkpoint_store.py).
 _COMPLETE_MARKER = "checkpoint_complete"
 
 
@@ -76,7 +78,7 @@ def _readable(state: AppState, tenant: str, run_id: str, segment: str, name: str
     with state.db.read() as s:
         row = checkpoints.resolve(s, tenant, TinkerPath(run_id, kind, name))
         op, storage = row.created_by_op, row.storage_path
-    folder = state.settings.resolved_checkpoint_dir() / storage
+    folder = CheckpointStore(state.settings.resolved_checkpoint_dir()).folder(storage)
     files = _checkpoint_files(folder)
     if not files:
         raise NotFound(f"checkpoint {segment}/{name} of {run_id} has no files")
@@ -172,7 +174,7 @@ def _open_grant(state: AppState, grant: Grant) -> _Open:
             or (row.tenant != grant.tenant and not row.public)
         ):
             raise NotFound(f"{label} no longer exists or is no longer shared; this link does not work any more")
-        folder = state.settings.resolved_checkpoint_dir() / row.storage_path
+        folder = CheckpointStore(state.settings.resolved_checkpoint_dir()).folder(row.storage_path)
         mtime = row.created_at
     names = [grant.file] if grant.file is not None else _checkpoint_files(folder)
     opened = _Open([], mtime)
