@@ -7,6 +7,7 @@ TUFT_SETTINGS_JSON, so the API and its worker can never disagree about a path or
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -56,6 +57,9 @@ class Settings(BaseModel):
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     # None: the dev key is accepted only in the embedded default (no database_url).
     dev_key_enabled: bool | None = None
+    # `tuft launch` / `tuft api` refuse to serve the dev key on a non-loopback address (anyone who
+    # reaches the port could use it) unless this says it is meant (docs/deployment.md).
+    allow_dev_key_on_network: bool = False
 
     # retrieve_future is held at most this long, then answered try_again: well under the SDK's
     # 45 s read timeout (tinker-protocol.md §1.7, §3.4).
@@ -129,6 +133,9 @@ class Settings(BaseModel):
     # Base of the absolute download links (e.g. https://tuft.example.com behind a proxy); unset,
     # links use the base URL of the request that asked for them.
     public_base_url: str | None = None
+    # Peers whose X-Forwarded-Proto/-Host/-For headers are believed (addresses or networks, "*"
+    # for any): the reverse proxies in front of the API (app/api/proxy.py).
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
 
     @property
     def embedded(self) -> bool:
@@ -177,6 +184,10 @@ _ENV_FIELDS = {
     "TUFT_HOST": "host",
     "TUFT_PORT": "port",
     "TUFT_DOWNLOAD_SIGNING_KEY": "download_signing_key",
+    "TUFT_DEV_KEY_ENABLED": "dev_key_enabled",
+    "TUFT_ALLOW_DEV_KEY_ON_NETWORK": "allow_dev_key_on_network",
+    "TUFT_PUBLIC_BASE_URL": "public_base_url",
+    "TUFT_TRUSTED_PROXIES": "trusted_proxies",
 }
 
 
@@ -200,6 +211,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     for env, field in _ENV_FIELDS.items():
         if os.environ.get(env):
             values[field] = os.environ[env]
+    if isinstance(values.get("trusted_proxies"), str):  # TUFT_TRUSTED_PROXIES: comma-separated
+        values["trusted_proxies"] = [p.strip() for p in values["trusted_proxies"].split(",") if p.strip()]
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         settings = Settings.model_validate(values)
@@ -227,6 +240,34 @@ def _check(settings: Settings) -> None:
         raise ConfigError("download_link_ttl_seconds must be at least 1")
     if settings.public_base_url is not None and not settings.public_base_url.startswith(("http://", "https://")):
         raise ConfigError("public_base_url must be an absolute http:// or https:// URL")
+    for proxy in settings.trusted_proxies:
+        try:
+            if proxy != "*":
+                ipaddress.ip_network(proxy, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies: {proxy!r} is not an IP address or network ({exc})") from exc
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name, or "" (every interface)
+
+
+def check_exposure(settings: Settings, command: str) -> None:
+    """Refuse to serve the well-known dev key where others can reach it, unless told to."""
+    if settings.dev_key_active() and not is_loopback(settings.host) and not settings.allow_dev_key_on_network:
+        raise ConfigError(
+            f"{command}: refusing to serve on {settings.host} with the dev key {DEV_API_KEY} enabled: anyone "
+            "who can reach this port could use it. Bind to 127.0.0.1, or turn the dev key off "
+            "(dev_key_enabled: false, TUFT_DEV_KEY_ENABLED=0) and create a key with `tuft keys create "
+            "--tenant NAME`, or, if this is really meant, set allow_dev_key_on_network: true "
+            "(TUFT_ALLOW_DEV_KEY_ON_NETWORK=1)"
+        )
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -47,17 +47,50 @@ class ModelCatalog:
             for m in self.specs.values()
         ]
 
+    def builtin_tokenizer_folder(self) -> Path:
+        """Built by the worker as it starts (workers/__main__.py), atomically: once the folder
+        exists it is complete."""
+        return self.settings.resolved_data_dir() / "cache" / "tokenizers" / "tiny-qwen3"
+
+    def tokenizer_pending(self) -> list[str]:
+        """The models whose tokenizer get_info cannot announce yet: the built-in model's, in the
+        embedded mode, until the worker has built its folder. (In a deployment the API may not
+        share the workers' data_dir, so it announces the name rather than wait for a folder that
+        may never appear here; docs/configuration.md.)"""
+        return [
+            name
+            for name, spec in self.specs.items()
+            if name == BUILTIN_TINY_MODEL
+            and not spec.tokenizer_id
+            and self.settings.embedded
+            and not (self.builtin_tokenizer_folder() / "tokenizer.json").exists()
+        ]
+
     def tokenizer_id(self, name: str) -> str:
         """What the SDK's get_tokenizer() loads with AutoTokenizer.from_pretrained: a local folder
         when one exists (no hub access here), else the model name; `tokenizer_id` in the model's
-        config overrides both, for clients on other machines."""
+        config overrides both, for clients on other machines. TokenizerNotReady while the folder
+        is still being built (0.38 caches the answer for the client's life, so a name it cannot
+        load would break its get_tokenizer() for good)."""
         spec = self.get(name)
         if spec.tokenizer_id:
             return spec.tokenizer_id
         if name == BUILTIN_TINY_MODEL:
-            folder = self.settings.resolved_data_dir() / "cache" / "tokenizers" / "tiny-qwen3"
+            if name in self.tokenizer_pending():
+                raise TokenizerNotReady(
+                    f"the server is starting: the tokenizer of {name} is still being prepared; retry shortly"
+                )
+            folder = self.builtin_tokenizer_folder()
             return str(folder) if (folder / "tokenizer.json").exists() else name
         return spec.model_path if Path(spec.model_path).is_dir() else name
+
+
+class TokenizerNotReady(Exception):
+    """get_info must wait: answered 503 with Retry-After, which the SDK retries."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 @cache

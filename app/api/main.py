@@ -194,5 +194,6 @@ def create_app(
     for module in (client, sessions, training, sampling, futures, rest, checkpoints, downloads, oai):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    pass  # E-TEMP
+    app.add_middleware(ForwardedHeaders, proxies=settings.trusted_proxies)
+    logredact.install()  # signed download tokens never reach a log line
     return app

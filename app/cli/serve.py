@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from app.config import Settings, settings_env
+from app.config import ConfigError, Settings, check_exposure, settings_env
 from app.db import migrate
 
 log = logging.getLogger("tuft")
@@ -19,6 +19,15 @@ log = logging.getLogger("tuft")
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _exposure_ok(settings: Settings, command: str) -> bool:
+    try:
+        check_exposure(settings, command)
+    except ConfigError as exc:
+        print(f"tuft: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _uvicorn(settings: Settings, on_shutdown: Callable[[], None] | None = None) -> None:
@@ -34,6 +43,9 @@ def _uvicorn(settings: Settings, on_shutdown: Callable[[], None] | None = None) 
         log_level="info",
         timeout_keep_alive=75,
         access_log=False,
+        # X-Forwarded-* are read by our own middleware (app/api/proxy.py, `trusted_proxies`), which
+        # must see the proxy's address, not one uvicorn already replaced.
+        proxy_headers=False,
     )
 
 
@@ -41,6 +53,8 @@ def serve_api(settings: Settings, *, run_migrations: bool = False) -> int:
     """API replicas do not migrate by default: several racing migrations is how schemas break.
     Deployments run `tuft db upgrade` once (compose.yaml's migrate service)."""
     _configure_logging()
+    if not _exposure_ok(settings, "tuft api"):
+        return 2
     url = settings.resolved_database_url()
     if run_migrations:
         settings.resolved_data_dir().mkdir(parents=True, exist_ok=True)
@@ -96,14 +110,34 @@ class WorkerSupervisor(threading.Thread):
             proc.wait()
 
 
+def _announce_ready(settings: Settings, stopping: threading.Event) -> None:
+    """Log "ready" once /readyz says so (the worker is up and the built-in tokenizer is built),
+    not when the port opens: a client that starts on that line gets a tokenizer it can load."""
+    import urllib.error
+    import urllib.request
+
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    netloc = f"[{host}]" if ":" in host else host
+    while not stopping.wait(0.5):
+        try:
+            with urllib.request.urlopen(f"http://{netloc}:{settings.port}/readyz", timeout=5) as reply:
+                if reply.status == 200:
+                    log.info("TuFT ready on http://%s:%d", settings.host, settings.port)
+                    return
+        except (urllib.error.URLError, OSError):
+            continue  # not listening yet, or 503 while starting
+
+
 def launch(settings: Settings) -> int:
     _configure_logging()
+    if not _exposure_ok(settings, "tuft launch"):
+        return 2
     data_dir = settings.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     migrate.upgrade(url)
     log.info(
-        "TuFT on http://%s:%d (database %s, data %s)",
+        "starting TuFT on http://%s:%d (database %s, data %s)",
         settings.host,
         settings.port,
         migrate.redact(url),
@@ -111,6 +145,7 @@ def launch(settings: Settings) -> int:
     )
     supervisor = WorkerSupervisor(settings)
     supervisor.start()
+    threading.Thread(target=_announce_ready, args=(settings, supervisor.stopping), daemon=True).start()
     try:
         _uvicorn(settings, on_shutdown=supervisor.shutdown)
     finally:

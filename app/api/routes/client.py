@@ -1,13 +1,15 @@
-"""Bootstrap and background traffic: client config, capabilities, telemetry, health."""
+"""Bootstrap and background traffic: client config, capabilities, telemetry, health, readiness."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from app.api import readiness
 from app.api.deps import State, Tenant
 
 router = APIRouter()
@@ -45,3 +47,14 @@ async def healthz(state: State) -> dict[str, str]:
 
     await run_in_threadpool(_ping)  # a database outage becomes a 503 (api/main.py)
     return {"status": "ok"}
+
+
+@router.get("/api/v1/readyz", response_model=None)
+@router.get("/readyz", response_model=None)
+async def readyz(state: State) -> dict[str, str] | JSONResponse:
+    """Ready when what the server announces is there (app/api/readiness.py); 503 before."""
+    waiting = await run_in_threadpool(readiness.waiting_for, state)
+    if waiting:
+        body = {"status": "starting", "waiting_for": waiting}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+    return {"status": "ready"}

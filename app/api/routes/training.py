@@ -13,10 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.orm import Session as DbSession
 from starlette.concurrency import run_in_threadpool
 
+from app.api.catalog import TokenizerNotReady
 from app.api.decoding import gate_of
 from app.api.deps import State, Tenant, body_as
 from app.api.state import AppState
@@ -100,8 +102,8 @@ async def create_model(request: Request, state: State, tenant: Tenant) -> dict[s
     return {"request_id": request_id, "model_id": model_id}
 
 
-@router.post("/api/v1/get_info")
-async def get_info(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+@router.post("/api/v1/get_info", response_model=None)
+async def get_info(request: Request, state: State, tenant: Tenant) -> dict[str, Any] | JSONResponse:
     req = await body_as(request, GetInfoRequest)
 
     def work() -> dict[str, Any]:
@@ -120,7 +122,14 @@ async def get_info(request: Request, state: State, tenant: Tenant) -> dict[str, 
                 "model_name": run.base_model,
             }
 
-    return await run_in_threadpool(work)
+    try:
+        return await run_in_threadpool(work)
+    except TokenizerNotReady as exc:
+        # Cold start (docs/deployment.md "Readiness"): never announce a tokenizer the client
+        # cannot load yet; the SDK retries a 503 and honours Retry-After.
+        message = exc.message
+        body = {"error": "not_ready", "message": message, "category": "server", "detail": message}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
 
 def _rejected(message: str) -> OpBuilder:
