@@ -115,9 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuft worker: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     device = _device(args, settings)
+    # Refuse a schema this release does not know (a newer release migrated the database) before
+    # anything runs; an older one is waited for (the API or `tuft db upgrade` migrates it).
+    from app.db.migrate import SchemaError, wait_for_current
+
+    try:
+        wait_for_current(settings.resolved_database_url(), "tuft worker", timeout=120)
+    except SchemaError as exc:
+        print(exc, file=sys.stderr)  # noqa: T201
+        return 2
 
     # Imported only now: torch must not see CUDA before CUDA_VISIBLE_DEVICES is set.
-    from app.db.engine import Database
+    from app.db.engine import Database, DbTimeouts
     from app.queue import leases
     from workers.engine import OpInputError, TorchEngine
     from workers.heartbeat import Heartbeat
@@ -126,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     host = socket.gethostname()
     worker_id = args.worker_id or f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     queue = f"gpu.{host}.{args.gpu}" if args.gpu is not None else f"{device}.{host}.{os.getpid()}"
-    db = Database(settings.resolved_database_url(), process_name=f"worker-{worker_id}")
+    db = Database(
+        settings.resolved_database_url(),
+        process_name=f"worker-{worker_id}",
+        timeouts=DbTimeouts.for_lease(settings.lease_ttl_seconds),  # bounds a paused transaction
+    )
     cache_dir = settings.resolved_data_dir() / "cache"
     engine = TorchEngine(settings.models(), device=device, cache_dir=cache_dir)
     _warm_builtin_tokenizer(settings, cache_dir)

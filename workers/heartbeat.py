@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from app.db.engine import Database
 from app.queue import claim, leases
+from workers.faults import fault
 from workers.recovery import RunStates
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ class Heartbeat(threading.Thread):
         with self.db.write() as s:
             held = {lease.run_id for lease in leases.heartbeat(s, self.worker_id, self.ttl)}
             claim.renew_sample_claims(s, self.worker_id, self.ttl)
+            if held:
+                # Inside the transaction, holding the runs' and the worker's row locks: where a
+                # paused process used to stall everyone else (issue 7 item 3).
+                fault("heartbeat_in_transaction")
         if self.on_renewed is not None:
             self.on_renewed(started)
         lost = self.states.held_runs() - held

@@ -170,6 +170,7 @@ class Runner:
         with self.db.write() as s:
             if not claim.claim_run_op(s, self.worker_id, op):
                 return
+            fault("claim_in_transaction")  # the op's row lock held, COMMIT not yet sent
         domain_op = parse_op(op.payload)
         steps_before = self.engine.optimizer_steps(op.run_id)
         extra: Callable[[DbSession], None] | None = None
@@ -395,7 +396,9 @@ class Runner:
         while True:
             try:
                 with self.db.write() as s:
-                    return write(s)
+                    written = write(s)
+                    fault("commit_in_transaction")  # row locks held, COMMIT not yet sent
+                    return written
             except DBAPIError as exc:
                 if self.stop.is_set():
                     raise

@@ -24,7 +24,7 @@ from app.api.routes import checkpoints, client, downloads, futures, oai, rest, s
 from app.api.state import AppState
 from app.auth import KeyResolver
 from app.config import Settings
-from app.db.engine import Database
+from app.db.engine import Database, DbTimeouts
 from app.domain.errors import DomainError, InvalidInput, PayloadTooLarge
 from app.doorbell import make_doorbell
 from app.sweeper import SweeperThread
@@ -157,7 +157,11 @@ def create_app(
 ) -> FastAPI:
     """`on_shutdown` runs when the server stops, before uvicorn re-raises a SIGTERM: `tuft launch`
     stops its worker there (code after uvicorn.run() would never run on a signal)."""
-    database = db or Database(settings.resolved_database_url(), process_name="api")
+    database = db or Database(
+        settings.resolved_database_url(),
+        process_name="api",
+        timeouts=DbTimeouts.for_lease(settings.lease_ttl_seconds),  # bounds a paused transaction
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -99,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sqlalchemy.exc import OperationalError
 
+    from app.db.migrate import SchemaError
+
     try:
         return _dispatch(args, settings)
+    except SchemaError as exc:
+        # A schema this release does not know (or one not yet upgraded): one clear line, exit 2.
+        print(exc, file=sys.stderr)
+        return 2
     except OperationalError as exc:
         # A wrong URL, a stopped server or a missing SQLite file: say so in one line.
         print(f"tuft: cannot use the database: {exc.orig}", file=sys.stderr)
@@ -122,7 +128,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         url = settings.resolved_database_url()
         if args.db_command == "upgrade":
             settings.resolved_data_dir().mkdir(parents=True, exist_ok=True)
-            migrate.upgrade(url)
+            migrate.safe_upgrade(url)
             print(f"database at head: {migrate.redact(url)}")
         else:
             migrate.check(url)

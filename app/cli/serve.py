@@ -58,10 +58,10 @@ def serve_api(settings: Settings, *, run_migrations: bool = False) -> int:
     url = settings.resolved_database_url()
     if run_migrations:
         settings.resolved_data_dir().mkdir(parents=True, exist_ok=True)
-        migrate.upgrade(url)
-    elif not migrate.at_head(url):
-        print("tuft api: the database schema is not at head; run `tuft db upgrade` first", file=sys.stderr)
-        return 2
+        migrate.safe_upgrade(url)
+    # An older schema or a newer one (a newer release migrated it): refuse with a clear message
+    # (migrate.SchemaError, exit 2 in app/cli/main.py) rather than serve what this code cannot read.
+    migrate.require_current(url, "tuft api")
     _uvicorn(settings)
     return 0
 
@@ -135,7 +135,7 @@ def launch(settings: Settings) -> int:
     data_dir = settings.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
-    migrate.upgrade(url)
+    migrate.safe_upgrade(url)
     log.info(
         "starting TuFT on http://%s:%d (database %s, data %s)",
         settings.host,

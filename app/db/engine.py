@@ -70,6 +70,16 @@ class DbTimeouts:
     statement_seconds: float = 30.0
     tcp_user_timeout_seconds: float = 10.0
 
+    @classmethod
+    def for_lease(cls, lease_ttl_seconds: float) -> DbTimeouts:
+        """A transaction open longer than the lease TTL belongs to a process that has lost its
+        leases anyway: end it no later than the leases expire, so the locks are free by the time
+        another worker may take the runs over (recovery within the TTL + the takeover)."""
+        return cls(
+            lock_seconds=min(cls.lock_seconds, lease_ttl_seconds),
+            idle_in_transaction_seconds=min(cls.idle_in_transaction_seconds, lease_ttl_seconds),
+        )
+
     def connect_args(self) -> dict[str, Any]:
         options = " ".join(
             f"-c {name}={int(seconds * 1000)}"
