@@ -107,11 +107,15 @@ def decode_forward_backward_located(
         raise InvalidInput("seq_id is required (training requests number from 1)")
     if msg.seq_id < 0:
         raise InvalidInput(f"seq_id must be positive, got {msg.seq_id}")
+    model_id, seq_id = msg.model_id, msg.seq_id
     try:
         op = _content(msg, limits)
     except (InvalidInput, MalformedRequest) as exc:
-        return DecodedForwardBackward(msg.model_id, msg.seq_id, None, exc)
-    return DecodedForwardBackward(msg.model_id, msg.seq_id, op)
+        # The traceback's frames hold the message (as large as the inflated body): drop both now
+        # rather than when the request ends, or the next decode runs beside them.
+        del msg
+        return DecodedForwardBackward(model_id, seq_id, None, exc.with_traceback(None))
+    return DecodedForwardBackward(model_id, seq_id, op)
 
 
 def _content(msg: pb.ForwardBackwardRequest, limits: DecodeLimits) -> ForwardBackwardOp:
@@ -142,7 +146,7 @@ def check_bounds(msg: pb.ForwardBackwardRequest, limits: DecodeLimits) -> None:
         # A chunk holds at least one token, so this also bounds the loop below.
         if per_datum is not None and len(datum.model_input) > per_datum:
             raise InvalidInput(f"datum {i}: {len(datum.model_input)} chunks exceed the maximum length {per_datum}")
-        n = sum(len(c.encoded_text.tokens) // 4 for c in datum.model_input if c.WhichOneof("chunk") == "encoded_text")
+        n = sum(_token_bytes(c.encoded_text) // 4 for c in datum.model_input if c.WhichOneof("chunk") == "encoded_text")
         if per_datum is not None and n > per_datum:
             raise InvalidInput(f"datum {i}: {n} tokens exceed the model's maximum length {per_datum}")
         total += n
@@ -158,6 +162,18 @@ def check_bounds(msg: pb.ForwardBackwardRequest, limits: DecodeLimits) -> None:
             raise InvalidInput(
                 f"the request's loss_fn_inputs carry more than {_ELEMENTS_PER_TOKEN * limits.max_tokens} values"
             )
+
+
+def _token_bytes(chunk: pb.EncodedTextChunk) -> int:
+    """len(chunk.tokens) without copying the bytes out of the message (that copy alone would be
+    as large as the body): `tokens` is the chunk's only field, so its serialized size is one tag
+    byte, the length as a varint, then the data."""
+    size = chunk.ByteSize()
+    for varint_len in range(1, 11):
+        data = size - 1 - varint_len
+        if data >= 0 and max(1, (data.bit_length() + 6) // 7) == varint_len:
+            return data
+    return size
 
 
 def _datum(msg: pb.Datum, index: int, budget: SparseBudget) -> Datum:
