@@ -23,6 +23,11 @@ from tests.conftest import PG_ADMIN_URL, _pg_url_for
 def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     data_dir = tmp_path_factory.mktemp(f"api-{request.param}")
     if request.param == "sqlite":
+        # The embedded mode's get_info waits for the built-in tokenizer folder that its worker
+        # builds at startup (app/api/catalog.py); no worker runs here, so stand in for it.
+        tokenizer = data_dir / "cache" / "tokenizers" / "tiny-qwen3"
+        tokenizer.mkdir(parents=True)
+        (tokenizer / "tokenizer.json").write_text("{}")
         with running_app(make_settings(data_dir, None)) as app:
             yield app
         return

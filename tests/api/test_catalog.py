@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.api.catalog import ModelCatalog
+import pytest
+
+from app.api.catalog import ModelCatalog, TokenizerNotReady
 from app.config import load_settings
 from app.domain.models import BUILTIN_TINY_MODEL
 
@@ -38,7 +40,15 @@ def test_configured_tokenizer_id_wins(tmp_path: Path) -> None:
 
 def test_builtin_model_points_at_its_cached_tokenizer_once_built(tmp_path: Path) -> None:
     catalog = _catalog(tmp_path, [])
-    assert catalog.tokenizer_id(BUILTIN_TINY_MODEL) == BUILTIN_TINY_MODEL  # no worker has built it yet
+    # No worker has built it yet: in the embedded mode get_info waits (503) rather than name a
+    # tokenizer the client cannot load, and cache that for good (issue 7 item 10).
+    assert catalog.tokenizer_pending() == [BUILTIN_TINY_MODEL]
+    with pytest.raises(TokenizerNotReady, match="still being prepared"):
+        catalog.tokenizer_id(BUILTIN_TINY_MODEL)
+    # A deployment's API may not share the workers' data_dir: it names the model, as before.
+    deployed = ModelCatalog(load_settings(data_dir=tmp_path / "data", database_url="postgresql://db/tuft"))
+    assert deployed.tokenizer_pending() == []
+    assert deployed.tokenizer_id(BUILTIN_TINY_MODEL) == BUILTIN_TINY_MODEL
     cached = tmp_path / "data" / "cache" / "tokenizers" / "tiny-qwen3"
     cached.mkdir(parents=True)
     (cached / "tokenizer.json").write_text("{}")

@@ -31,12 +31,12 @@ def proxied(tmp_path: Path) -> Iterator[tuple[Api, TestClient, TestClient]]:
     """An app that trusts the proxy's network, with a client that comes from the proxy and one
     that comes from elsewhere."""
     settings = make_settings(tmp_path, None, trusted_proxies=["10.1.2.0/24"])
-    with running_app(settings) as api:
-        with (
-            TestClient(create_app(settings), client=(PROXY, 40000)) as via_proxy,
-            TestClient(create_app(settings), client=("203.0.113.9", 40000)) as direct,
-        ):
-            yield api, via_proxy, direct
+    with (
+        running_app(settings) as api,
+        TestClient(create_app(settings), client=(PROXY, 40000)) as via_proxy,
+        TestClient(create_app(settings), client=("203.0.113.9", 40000)) as direct,
+    ):
+        yield api, via_proxy, direct
 
 
 def test_links_name_the_public_host_behind_a_trusted_proxy(proxied: tuple[Api, TestClient, TestClient]) -> None:
