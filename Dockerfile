@@ -13,10 +13,14 @@ FROM python:3.11-slim
 ARG TORCH_SPEC="torch>=2.4"
 ARG TORCH_INDEX_URL=""
 
+# The dev key is off in the image: its default command listens on 0.0.0.0, where a well-known key
+# would let anyone who reaches the published port in (tuft refuses that combination anyway unless
+# TUFT_ALLOW_DEV_KEY_ON_NETWORK=1). Create a key with `docker exec <container> tuft keys create`.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TUFT_DATA_DIR=/data
+    TUFT_DATA_DIR=/data \
+    TUFT_DEV_KEY_ENABLED=false
 
 # 1. torch alone: the largest layer, rebuilt only when the build arguments change.
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
@@ -43,5 +47,6 @@ VOLUME ["/data"]
 EXPOSE 10610
 
 ENTRYPOINT ["tuft"]
-# Without arguments: the one-machine mode (SQLite in /data, one worker in the same container).
+# Without arguments: the one-machine mode (SQLite in /data, one worker in the same container), with
+# API keys from `tuft keys create` only (no dev key, see above).
 CMD ["launch", "--host", "0.0.0.0"]
