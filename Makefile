@@ -13,7 +13,15 @@ SDK_OLD ?= 0.25.0
 VENV_OLD ?= .venv-tinker$(subst .,,$(SDK_OLD))
 STAMP_OLD := $(VENV_OLD)/.tuft-installed
 
-.PHONY: install run test test-sdk-old lint services clean
+# The rest of the matrix: every supported minor version (and 0.24.1, which must be refused), each
+# only the tinker package in its own folder (pip --target, no dependencies: they are the main
+# venv's), put first on PYTHONPATH by tests/e2e/test_sdk_matrix.py. No venv or torch per version.
+SDK_MATRIX_FILE := tests/e2e/sdk_matrix.txt
+SDK_MATRIX := $(shell grep -v '^\#' $(SDK_MATRIX_FILE))
+SDK_DIR ?= .venv-sdks
+SDK_STAMPS := $(foreach v,$(SDK_MATRIX),$(SDK_DIR)/$(v)/.tuft-installed)
+
+.PHONY: install run test test-sdk-old test-sdk-matrix sdk-matrix lint services clean
 
 install: $(STAMP)
 
@@ -33,19 +41,29 @@ $(STAMP_OLD): pyproject.toml
 	$(VENV_OLD)/bin/python -m pip install -q --no-deps -e .
 	touch $(STAMP_OLD)
 
+$(SDK_DIR)/%/.tuft-installed: | $(STAMP)
+	rm -rf $(SDK_DIR)/$*
+	$(PY) -m pip install -q --no-deps --no-compile --target $(SDK_DIR)/$* "tinker==$*"
+	touch $@
+
+sdk-matrix: $(SDK_STAMPS)
+
 run: install
 	$(VENV)/bin/tuft launch $(ARGS)
 
 services:
 	bash scripts/ensure-services.sh
 
-test: install services lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install services lint sdk-matrix
+	TUFT_SDK_MATRIX=$(abspath $(SDK_DIR)) $(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-sdk-old
 
 test-sdk-old: install $(STAMP_OLD) services
 	TUFT_SERVER_PYTHON=$(abspath $(PY)) $(VENV_OLD)/bin/python -m pytest -m "e2e and not chaos" tests/e2e \
 		-p no:cacheprovider $(PYTEST_ARGS)
+
+test-sdk-matrix: install sdk-matrix services
+	TUFT_SDK_MATRIX=$(abspath $(SDK_DIR)) $(PY) -m pytest tests/e2e/test_sdk_matrix.py -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check app workers tests migrations examples
@@ -56,4 +74,4 @@ lint: install
 	@! grep -rnE '^\s*(from|import)\s+(sqlalchemy|celery|fastapi|app\.(db|queue|wire|api))\b' workers/engine
 
 clean:
-	rm -rf $(VENV) $(VENV_OLD) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_OLD) $(SDK_DIR) .pytest_cache .mypy_cache .ruff_cache

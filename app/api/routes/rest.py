@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
+from app.api import sdk_range
 from app.api.deps import State, Tenant
 from app.db.models import Checkpoint, Run
 from app.domain.errors import InvalidInput
@@ -24,10 +24,6 @@ router = APIRouter()
 # Checkpoint kinds and their tinker:// path segments (the SDK's types/checkpoint.py).
 SEGMENT = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
 KIND = {segment: kind for kind, segment in SEGMENT.items()}
-# The first SDK whose Checkpoint model accepts checkpoint_type "external"; 0.25's rejects the whole
-# listing if one appears (§11 row 24), so older clients are not shown them.
-EXTERNAL_LISTED_FROM = (0, 38)
-_UA_VERSION = re.compile(r"Tinker/Python (\d+(?:\.\d+)*)")
 _MAX_LIMIT = 1000
 
 
@@ -56,22 +52,11 @@ def checkpoint_json(c: Checkpoint) -> dict[str, Any]:
     }
 
 
-def sdk_version(request: Request) -> tuple[int, ...] | None:
-    """The caller's SDK version: 0.38 sends x-sdk-version inside public calls; every Stainless
-    client sends X-Stainless-Package-Version and a User-Agent `AsyncTinker/Python <version>`."""
-    headers = request.headers
-    match = _UA_VERSION.search(headers.get("user-agent", ""))
-    for raw in (headers.get("x-sdk-version"), headers.get("x-stainless-package-version"), match and match[1]):
-        parts = re.match(r"(\d+)\.(\d+)", raw or "")
-        if parts:
-            return int(parts[1]), int(parts[2])
-    return None
-
-
 def listed_kinds(request: Request) -> set[str] | None:
-    """None (every kind) unless the client is an SDK too old to parse external checkpoints."""
-    version = sdk_version(request)
-    if version is not None and version < EXTERNAL_LISTED_FROM:
+    """None (every kind) unless the client is an SDK too old to parse external checkpoints
+    (before 0.28, whose Checkpoint model rejects the whole listing if one appears)."""
+    version = sdk_range.from_headers(request.headers)
+    if version is not None and version < sdk_range.EXTERNAL_LISTED_FROM:
         return {"training", "sampler"}
     return None
 

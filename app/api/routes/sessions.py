@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from app.api import sdk_range
 from app.api.deps import State, Tenant, body_as
 from app.db.engine import db_now
 from app.db.models import Run, Sampler, Session
@@ -36,6 +37,12 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 @router.post("/api/v1/create_session")
 async def create_session(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
     req = await body_as(request, CreateSessionRequest)
+    # Every SDK sends its version in this body; an SDK older than the supported range is refused
+    # here with a message naming the range (sdk_range.py says why), before it can queue an op.
+    version = req.sdk_version or request.headers.get("x-stainless-package-version")
+    refusal = sdk_range.refusal(version)
+    if refusal is not None:
+        raise InvalidInput(refusal)
 
     def work(s: Any) -> tuple[str, list[Any]]:
         session_id = submit.create_session(
@@ -49,7 +56,11 @@ async def create_session(request: Request, state: State, tenant: Tenant) -> dict
         return session_id, []
 
     session_id = await run_in_threadpool(state.submit, work)
-    return {"session_id": session_id, "type": "create_session"}
+    body: dict[str, Any] = {"session_id": session_id, "type": "create_session"}
+    warning = sdk_range.warning(version)
+    if warning is not None:
+        body["warning_message"] = warning  # the SDK logs it as a warning
+    return body
 
 
 @router.post("/api/v1/session_heartbeat")
