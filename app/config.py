@@ -83,6 +83,16 @@ class Settings(BaseModel):
     # Defaults to <data_dir>/snapshots; must be shared storage when runs can move between hosts.
     snapshot_dir: Path | None = None
 
+    # Worker memory (docs/configuration.md): a worker keeps at most `max_resident_runs` runs'
+    # training state (adapter + optimizer, on the GPU) and evicts runs idle for
+    # `run_idle_evict_seconds`, least recently used first; 0 turns either limit off. An evicted run
+    # is snapshotted (when it holds no pending gradients), its lease released, and rebuilt from
+    # snapshot + replay by whichever worker runs its next op. A base model that no resident run
+    # uses and nothing sampled from for `model_idle_unload_seconds` is unloaded.
+    max_resident_runs: int = Field(32, ge=0)
+    run_idle_evict_seconds: float = Field(600.0, ge=0)
+    model_idle_unload_seconds: float = Field(600.0, ge=0)
+
     # An op whose execution killed its worker this many times is failed (category server);
     # poison_policy then says whether the run goes on ("continue") or waits for an admin ("block").
     max_op_attempts: int = 3

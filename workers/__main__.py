@@ -26,6 +26,11 @@ from app.queue.submit import NEW_RUNS_QUEUE
 
 log = logging.getLogger("tuft.worker")
 
+# Exit status after a sticky device error (workers/engine/errors.py, DeviceFatal): nothing of the
+# failing op was committed; its runs were released for other workers and the supervisor
+# (`tuft launch`, systemd, compose's restart policy) starts a fresh process with a fresh context.
+EXIT_DEVICE_FATAL = 3
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tuft worker", description="Run one TuFT GPU/CPU worker.")
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported only now: torch must not see CUDA before CUDA_VISIBLE_DEVICES is set.
     from app.db.engine import Database, DbTimeouts
     from app.queue import leases
-    from workers.engine import OpInputError, TorchEngine
+    from workers.engine import DeviceFatal, OpInputError, OutOfMemory, TorchEngine
     from workers.heartbeat import Heartbeat
     from workers.runner import Runner
 
@@ -143,7 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = settings.resolved_data_dir() / "cache"
     engine = TorchEngine(settings.models(), device=device, cache_dir=cache_dir)
     _warm_builtin_tokenizer(settings, cache_dir)
-    runner = Runner(settings, db, engine, worker_id=worker_id, user_errors=(OpInputError,))
+    runner = Runner(
+        settings,
+        db,
+        engine,
+        worker_id=worker_id,
+        user_errors=(OpInputError,),
+        fatal_errors=(DeviceFatal,),
+        oom_errors=(OutOfMemory,),
+        # Under Celery the main thread is the consumer: a SIGTERM to ourselves is its warm shutdown.
+        on_fatal=(lambda: os.kill(os.getpid(), signal.SIGTERM)) if settings.redis_url else None,
+    )
 
     def register() -> None:
         with db.write() as s:
@@ -172,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.stop.set()
         runner.wake.set()
 
+    code = 0
     try:
         if settings.redis_url:
             from workers.celery_app import make_celery
@@ -197,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, _stop)
             signal.signal(signal.SIGINT, _stop)
             runner.run_forever()
+    except SystemExit as exc:  # Celery ends its worker with sys.exit
+        code = exc.code if isinstance(exc.code, int) else 1
     finally:
         _stop()
         heartbeat.join(timeout=10)  # no renewal may land after the release below
@@ -208,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             log.warning("could not release runs on exit: %s", exc)
         db.dispose()
-    return 0
+    if runner.fatal is not None:
+        log.critical("worker %s exits after a device error: %s", worker_id, runner.fatal)
+        return EXIT_DEVICE_FATAL
+    return code
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ files under TUFT_FAULT_STATE, so a worker restarted after a crash does not crash
 `times` says so: that is how a poison op is made). Unset, every call is a dictionary lookup.
 
 Actions: `exit` (os._exit(137), as kill -9 leaves things), `stop` (SIGSTOP itself: a paused or
-partitioned zombie), `enospc` (raise OSError(ENOSPC): a full disk).
+partitioned zombie), `enospc` (raise OSError(ENOSPC): a full disk), `device_fatal` and `oom` (raise
+the engine's DeviceFatal / OutOfMemory: a sticky CUDA error, a device out of memory).
+
+In-process tests may also attach a callable to a point (`set_hook`): it runs at every hit, e.g. to
+cut the database's connections at the moment an op is about to read it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import errno
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,15 @@ def _parse(spec: str) -> dict[str, tuple[str, int, int]]:
 
 _POINTS = _parse(os.environ.get("TUFT_FAULT", ""))
 _STATE = Path(os.environ.get("TUFT_FAULT_STATE", "/tmp/tuft-faults"))
+_HOOKS: dict[str, Callable[[], None]] = {}
+
+
+def set_hook(name: str, hook: Callable[[], None] | None) -> None:
+    """Run `hook` at every hit of point `name` (None removes it). For in-process tests only."""
+    if hook is None:
+        _HOOKS.pop(name, None)
+    else:
+        _HOOKS[name] = hook
 
 
 def _hit(name: str) -> int:
@@ -46,6 +60,9 @@ def _hit(name: str) -> int:
 
 
 def fault(name: str) -> None:
+    hook = _HOOKS.get(name)
+    if hook is not None:
+        hook()
     spec = _POINTS.get(name)
     if spec is None:
         return
@@ -60,3 +77,10 @@ def fault(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, f"injected: no space left on device ({name})")
+    elif action in ("device_fatal", "oom"):
+        # Imported here: the engine brings in torch, which the other actions do not need.
+        from workers.engine.errors import DeviceFatal, OutOfMemory
+
+        if action == "oom":
+            raise OutOfMemory(f"injected: CUDA out of memory ({name})")
+        raise DeviceFatal(f"injected: CUDA error: an illegal memory access was encountered ({name})")

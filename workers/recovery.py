@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class RunStates:
         self.writer = writer
         self.snapshot_root = settings.resolved_snapshot_dir()
         self._held: dict[str, tuple[int, int]] = {}  # run_id -> (epoch, applied_seq of the engine state)
+        self._used: dict[str, float] = {}  # run_id -> monotonic time of its last op (eviction order)
         self._lost: set[str] = set()
         self._lock = threading.Lock()
         # Counters for operators and tests: rebuilds, ops replayed, replayed results that differed.
@@ -55,9 +57,11 @@ class RunStates:
 
     def advance(self, run_id: str, epoch: int, seq: int) -> None:
         self._held[run_id] = (epoch, seq)
+        self._used[run_id] = time.monotonic()
 
     def discard(self, run_id: str) -> None:
         self._held.pop(run_id, None)
+        self._used.pop(run_id, None)
         if self.writer is not None:
             self.writer.forget(run_id)
         if self.engine.has_run(run_id):
@@ -70,6 +74,11 @@ class RunStates:
 
     def held_runs(self) -> set[str]:
         return set(self._held)
+
+    def by_last_use(self) -> list[tuple[str, int, int, float]]:
+        """(run_id, epoch, applied_seq, last use) of every held run, least recently used first."""
+        held = [(run_id, epoch, seq, self._used.get(run_id, 0.0)) for run_id, (epoch, seq) in self._held.items()]
+        return sorted(held, key=lambda item: item[3])
 
     def drop_lost_runs(self) -> None:
         with self._lock:
@@ -127,7 +136,7 @@ class RunStates:
             log.info("rebuilt %s to seq %d: snapshot at %d + %d ops replayed", run_id, applied_seq, start, len(history))
         if self.writer is not None:
             self.writer.restored(run_id, start)
-        self._held[run_id] = (epoch, applied_seq)
+        self.advance(run_id, epoch, applied_seq)
         return True
 
     def _restore_snapshot(self, run_id: str, candidates: list[tuple[int, str, str, int]]) -> int:

@@ -29,16 +29,21 @@ from app.domain.errors import DomainError
 from app.domain.oai import OaiCompletionOp
 from app.domain.ops import LoadWeightsOp, SampleOp, SaveWeightsOp, parse_op
 from app.domain.results import LoadWeightsResult, SaveWeightsResult, result_bytes
-from app.queue import checkpoints, claim, commit, leases
+from app.queue import checkpoints, claim, commit, handback, leases
 from app.queue.claim import ReadyOp
 from app.queue.commit import Fenced, Outcome
-from workers.execute import Engine, apply_mutation, write_checkpoint
+from workers.execute import apply_mutation, write_checkpoint
 from workers.faults import fault
 from workers.recovery import RunStates
+from workers.residency import Residency, WorkerEngine
 from workers.snapshots import SnapshotWriter
+from workers.transient import is_transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Ops that change no training state: a transient error in one of them leaves the run's state good.
+READ_ONLY_KINDS = frozenset({"save_weights"})
 
 
 class UserError(Exception):
@@ -50,11 +55,18 @@ class Runner:
         self,
         settings: Settings,
         db: Database,
-        engine: Engine,
+        engine: WorkerEngine,
         *,
         worker_id: str,
         user_errors: tuple[type[BaseException], ...] = (),
+        fatal_errors: tuple[type[BaseException], ...] = (),
+        oom_errors: tuple[type[BaseException], ...] = (),
+        on_fatal: Callable[[], None] | None = None,
     ) -> None:
+        """user_errors fail the op with category `user`; fatal_errors (a sticky device error) end
+        the loop without committing anything, record the error in `fatal` and call `on_fatal` (the
+        process then exits and the runs move to another worker); oom_errors are retried once
+        after freeing memory (workers.engine.errors says which is which)."""
         self.settings = settings
         self.db = db
         self.engine = engine
@@ -64,8 +76,15 @@ class Runner:
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.user_errors: tuple[type[BaseException], ...] = (UserError, DomainError, *user_errors)
+        self.fatal_errors, self.oom_errors, self.on_fatal = fatal_errors, oom_errors, on_fatal
+        self.fatal: BaseException | None = None
         self.snapshots = SnapshotWriter(settings, db, engine, worker_id)
         self.states = RunStates(settings, db, engine, self._resolve_checkpoint_dir, self.snapshots)
+        self.residency = Residency(
+            settings, engine, self.states, self.snapshots, worker_id=worker_id, commit=self._commit
+        )
+        self.handed_back = 0  # ops and samples given back after a transient error (tests, operators)
+        self.oom_retries = 0
         # Monotonic time of the last successful lease renewal (set by the heartbeat thread).
         self.last_renewal = time.monotonic()
         self.fenced_commits = 0
@@ -79,7 +98,18 @@ class Runner:
         while not self.stop.is_set():
             try:
                 busy = self.step()
-            except DBAPIError as exc:
+            except self.fatal_errors as exc:
+                # The device is unusable (engine/errors.py): every later op would fail on it too.
+                # Nothing was committed for the op; the process exits and its runs move on.
+                log.critical("ALERT device error, this worker exits without committing: %s", exc)
+                self.fatal = exc
+                self.stop.set()
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                return
+            except Exception as exc:
+                if not (isinstance(exc, DBAPIError) or is_transient(exc)):
+                    raise
                 # Database restarting or unreachable: nothing was committed; try again shortly.
                 log.warning("database error in worker loop (will retry): %s", exc.__class__.__name__)
                 busy = False
@@ -91,6 +121,7 @@ class Runner:
     def step(self) -> bool:
         """Do one round of work; True if anything ran (so the loop goes again without waiting)."""
         self.states.drop_lost_runs()
+        self.residency.released.clear()
         with self.db.write() as s:
             leases.acquire_runs(s, self.worker_id, self.settings.lease_ttl_seconds)
         with self.db.read() as s:
@@ -98,24 +129,42 @@ class Runner:
         for op in ready:
             if self.stop.is_set():
                 return True
-            self._run_op_safely(op)
-        return self._sample_once() or bool(ready)
+            if op.run_id not in self.residency.released:  # evicted meanwhile: no longer ours
+                self._run_op_safely(op)
+        sampled = self._sample_once()
+        self.residency.evict_idle()
+        return sampled or bool(ready)
 
     def _run_op_safely(self, op: ReadyOp) -> None:
-        try:
-            self._run_op(op)
-        except DBAPIError:
-            raise
-        except Exception as exc:
-            log.exception("run %s cannot continue at seq %d; blocking it", op.run_id, op.seq)
-            self.states.discard(op.run_id)
-            reason = f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(Fenced):
-                self._commit(
-                    lambda s: commit.block_run(
-                        s, worker_id=self.worker_id, run_id=op.run_id, epoch=op.epoch, reason=reason
-                    )
-                )
+        for attempt in (1, 2):
+            try:
+                self._run_op(op)
+            except self.fatal_errors:
+                raise
+            except self.oom_errors as exc:
+                # Out of memory rebuilding the run (before its op was claimed): free what other
+                # runs and models hold and try once more; a run that cannot fit even then is blocked.
+                self.states.discard(op.run_id)
+                if attempt == 1:
+                    log.warning("out of memory rebuilding %s (%s); freeing memory, retrying", op.run_id, exc)
+                    self.oom_retries += 1
+                    self.residency.free_for_oom(keep=op.run_id)
+                    continue
+                self._block(op, exc)
+            except Exception as exc:
+                if isinstance(exc, DBAPIError) or is_transient(exc):
+                    raise  # an outage, not the run's fault: run_forever waits and goes on
+                self._block(op, exc)
+            return
+
+    def _block(self, op: ReadyOp, exc: BaseException) -> None:
+        log.error("run %s cannot continue at seq %d; blocking it", op.run_id, op.seq, exc_info=exc)
+        self.states.discard(op.run_id)
+        reason = f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(Fenced):
+            self._commit(
+                lambda s: commit.block_run(s, worker_id=self.worker_id, run_id=op.run_id, epoch=op.epoch, reason=reason)
+            )
 
     # ---- training ops ----------------------------------------------------------------------
     def _lease_is_fresh(self) -> bool:
@@ -165,6 +214,7 @@ class Runner:
             )
             self.states.advance(op.run_id, op.epoch, op.seq)
             return
+        self.residency.make_room(op.run_id)
         if not self.states.ensure(op.run_id, op.epoch, op.seq - 1):
             return
         with self.db.write() as s:
@@ -173,22 +223,10 @@ class Runner:
             fault("claim_in_transaction")  # the op's row lock held, COMMIT not yet sent
         domain_op = parse_op(op.payload)
         steps_before = self.engine.optimizer_steps(op.run_id)
-        extra: Callable[[DbSession], None] | None = None
-        self._after_commit, self._abandon = [], []
-        try:
-            fault(f"before_engine_{op.kind}")
-            result, extra = self._execute(op, domain_op)
-            # Between computing a result and committing it: the window fencing exists for.
-            fault(f"after_engine_{op.kind}")
-            outcome = Outcome(result=result_bytes(result))
-        except self.user_errors as exc:
-            log.info("op %s (%s seq %d) failed on user input: %s", op.request_id, op.run_id, op.seq, exc)
-            outcome = Outcome(error_message=str(exc), error_category="user")
-        except Exception as exc:
-            log.exception("op %s (%s seq %d) failed", op.request_id, op.run_id, op.seq)
-            outcome = Outcome(error_message=f"{type(exc).__name__}: {exc}", error_category="server")
-            # The state may be half-updated (e.g. part of the gradients accumulated): rebuild it.
-            self.states.discard(op.run_id)
+        computed = self._compute(op, domain_op)
+        if computed is None:
+            return  # handed back: nothing committed, the op runs again
+        outcome, extra = computed
         delta = self.engine.optimizer_steps(op.run_id) - steps_before if self.engine.has_run(op.run_id) else 0
 
         def _write(s: DbSession) -> None:
@@ -224,6 +262,85 @@ class Runner:
             self.states.advance(op.run_id, op.epoch, op.seq)
             if not outcome.failed:
                 self.snapshots.after_commit(op.run_id, op.epoch, op.seq, op.kind)
+
+    def _compute(self, op: ReadyOp, domain_op: object) -> tuple[Outcome, Callable[[DbSession], None] | None] | None:
+        """Execute a claimed op: its outcome (and what to commit with it), or None if the op was
+        handed back. An out-of-memory error is retried once, after freeing every other run and
+        cached model and rebuilding this run (its state may be half-updated)."""
+        for attempt in (1, 2):
+            self._after_commit, self._abandon = [], []
+            try:
+                fault(f"before_engine_{op.kind}")
+                result, extra = self._execute(op, domain_op)
+                # Between computing a result and committing it: the window fencing exists for.
+                fault(f"after_engine_{op.kind}")
+                return Outcome(result=result_bytes(result)), extra
+            except self.user_errors as exc:
+                log.info("op %s (%s seq %d) failed on user input: %s", op.request_id, op.run_id, op.seq, exc)
+                return Outcome(error_message=str(exc), error_category="user"), None
+            except self.fatal_errors:
+                raise  # run_forever ends the worker; nothing is committed for this op
+            except self.oom_errors as exc:
+                self.states.discard(op.run_id)  # e.g. some micro-batches' gradients accumulated
+                self._file_actions(self._abandon)
+                if attempt == 2 or not self._free_and_rebuild(op, exc):
+                    return self._too_big(op, exc), None
+            except Exception as exc:
+                if is_transient(exc):
+                    self._hand_back(op, exc)
+                    return None
+                log.exception("op %s (%s seq %d) failed", op.request_id, op.run_id, op.seq)
+                # The state may be half-updated (e.g. part of the gradients accumulated): rebuild it.
+                self.states.discard(op.run_id)
+                return Outcome(error_message=f"{type(exc).__name__}: {exc}", error_category="server"), None
+        raise AssertionError("unreachable")
+
+    def _free_and_rebuild(self, op: ReadyOp, exc: BaseException) -> bool:
+        """After an out-of-memory error: evict everything else, rebuild the run; False if even the
+        rebuild does not fit."""
+        log.warning(
+            "op %s (%s seq %d) ran out of memory (%s); freeing memory and retrying once",
+            op.request_id,
+            op.run_id,
+            op.seq,
+            exc,
+        )
+        self.oom_retries += 1
+        self.residency.free_for_oom(keep=op.run_id)
+        try:
+            return self.states.ensure(op.run_id, op.epoch, op.seq - 1)
+        except self.oom_errors:
+            self.states.discard(op.run_id)
+            return False
+
+    def _too_big(self, op: ReadyOp, exc: BaseException) -> Outcome:
+        log.warning("op %s (%s seq %d) does not fit even with memory freed: %s", op.request_id, op.run_id, op.seq, exc)
+        return Outcome(
+            error_message=(
+                f"out of memory: this {op.kind} does not fit on the worker's device even after every other run "
+                f"and cached model was unloaded; send it in smaller pieces (fewer or shorter datums) ({exc})"
+            ),
+            error_category="user",
+        )
+
+    def _hand_back(self, op: ReadyOp, exc: BaseException) -> None:
+        """A database or Redis outage in the middle of the op says nothing about the op: undo the
+        claim, without committing an outcome, so it runs again once the service is back."""
+        log.warning(
+            "op %s (%s seq %d) handed back after a transient error (%s: %s); it will run again",
+            op.request_id,
+            op.run_id,
+            op.seq,
+            type(exc).__name__,
+            exc,
+        )
+        self.handed_back += 1
+        if op.kind not in READ_ONLY_KINDS:
+            self.states.discard(op.run_id)  # it may be half-updated: rebuilt before the retry
+        self._file_actions(self._abandon)
+        self._commit(
+            lambda s: handback.give_back_op(s, worker_id=self.worker_id, request_id=op.request_id, epoch=op.epoch)
+        )
 
     def _execute(self, op: ReadyOp, domain_op: object) -> tuple[BaseModel, Callable[[DbSession], None] | None]:
         if isinstance(domain_op, SaveWeightsOp):
@@ -348,26 +465,14 @@ class Runner:
             claimed = claim.claim_sample(s, self.worker_id, self.settings.lease_ttl_seconds)
         if claimed is None:
             return False
-        try:
-            op = parse_op(claimed.payload)
-            result: BaseModel
-            if isinstance(op, OaiCompletionOp):
-                result = self._complete_text(op)
-            else:
-                assert isinstance(op, SampleOp)
-                with self.db.read() as s:
-                    sampler = s.get(Sampler, claimed.sampler_id)
-                    if sampler is None:
-                        raise UserError(f"sampler {claimed.sampler_id} not found")
-                    base_model, model_path = sampler.base_model, sampler.model_path
-                adapter = self._resolve_checkpoint_dir(model_path) if model_path else None
-                result = self.engine.sample(base_model, adapter, op)
-            outcome = Outcome(result=result_bytes(result))
-        except self.user_errors as exc:
-            outcome = Outcome(error_message=str(exc), error_category="user")
-        except Exception as exc:
-            log.exception("sample %s failed", claimed.request_id)
-            outcome = Outcome(error_message=f"{type(exc).__name__}: {exc}", error_category="server")
+        outcome = self._sample_outcome(claimed)
+        if outcome is None:
+            # An outage mid-sample: back to the queue, for us or any worker, once it is over.
+            self.handed_back += 1
+            self._commit(
+                lambda s: handback.give_back_sample(s, worker_id=self.worker_id, request_id=claimed.request_id)
+            )
+            return True
         try:
             self._commit(
                 lambda s: commit.commit_sample(
@@ -377,6 +482,55 @@ class Runner:
         except Fenced as exc:
             log.warning("sample result discarded: %s", exc)
         return True
+
+    def _sample_outcome(self, claimed: claim.ClaimedSample) -> Outcome | None:
+        """Run a claimed sample: its outcome, or None to hand it back (a transient error). Out of
+        memory is retried once after freeing cached runs and models; device errors propagate."""
+        for attempt in (1, 2):
+            try:
+                fault("before_engine_sample")
+                return Outcome(result=result_bytes(self._sample(claimed)))
+            except self.user_errors as exc:
+                return Outcome(error_message=str(exc), error_category="user")
+            except self.fatal_errors:
+                raise  # run_forever ends the worker; the claim goes back when it releases
+            except self.oom_errors as exc:
+                if attempt == 2:
+                    return Outcome(
+                        error_message=f"out of memory: this sample does not fit on the worker's device even "
+                        f"after every cached run and model was unloaded; ask for fewer or shorter samples ({exc})",
+                        error_category="user",
+                    )
+                log.warning(
+                    "sample %s ran out of memory (%s); freeing memory and retrying once", claimed.request_id, exc
+                )
+                self.oom_retries += 1
+                self.residency.free_for_oom(keep=None)
+            except Exception as exc:
+                if is_transient(exc):
+                    log.warning(
+                        "sample %s handed back after a transient error (%s: %s)",
+                        claimed.request_id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    return None
+                log.exception("sample %s failed", claimed.request_id)
+                return Outcome(error_message=f"{type(exc).__name__}: {exc}", error_category="server")
+        raise AssertionError("unreachable")
+
+    def _sample(self, claimed: claim.ClaimedSample) -> BaseModel:
+        op = parse_op(claimed.payload)
+        if isinstance(op, OaiCompletionOp):
+            return self._complete_text(op)
+        assert isinstance(op, SampleOp)
+        with self.db.read() as s:
+            sampler = s.get(Sampler, claimed.sampler_id)
+            if sampler is None:
+                raise UserError(f"sampler {claimed.sampler_id} not found")
+            base_model, model_path = sampler.base_model, sampler.model_path
+        adapter = self._resolve_checkpoint_dir(model_path) if model_path else None
+        return self.engine.sample(base_model, adapter, op)
 
     def _complete_text(self, op: OaiCompletionOp) -> BaseModel:
         """An OpenAI-compatible completion (app/domain/oai.py): it carries its own model."""
@@ -399,8 +553,8 @@ class Runner:
                     written = write(s)
                     fault("commit_in_transaction")  # row locks held, COMMIT not yet sent
                     return written
-            except DBAPIError as exc:
-                if self.stop.is_set():
+            except Exception as exc:
+                if not (isinstance(exc, DBAPIError) or is_transient(exc)) or self.stop.is_set():
                     raise
                 log.warning("commit failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)
                 time.sleep(delay)

@@ -52,6 +52,11 @@ class SnapshotWriter:
     def forget(self, run_id: str) -> None:
         self._last.pop(run_id, None)
 
+    def last_seq(self, run_id: str) -> int | None:
+        """Seq of the run's last snapshot taken (or restored) here; None if none is known."""
+        last = self._last.get(run_id)
+        return None if last is None else last[0]
+
     def after_commit(self, run_id: str, epoch: int, seq: int, kind: str) -> None:
         """Called after each committed op; snapshots after an optim_step when one is due."""
         if kind != "optim_step" or self.settings.snapshot_every_ops <= 0:

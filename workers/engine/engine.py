@@ -8,8 +8,10 @@ model's modules (the active adapter is global state), so two ops must never inte
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +78,9 @@ class _Slot:
     host: AdapterHost
     # (adapter folder, mtime_ns, size) -> adapter name: a re-saved folder is a different adapter.
     samplers: OrderedDict[tuple[str, int, int], str]
+    # Monotonic time of the last call that used the model: an idle model with no run on it is
+    # unloaded (unload_idle_models), so a worker does not keep every model it ever served.
+    last_used: float = 0.0
 
 
 class TorchEngine:
@@ -122,6 +127,7 @@ class TorchEngine:
             loaded = load_base_model(spec, self._device, self._dtype, self._cache_dir)
             slot = _Slot(loaded=loaded, host=AdapterHost(loaded.model), samplers=OrderedDict())
             self._slots[base_model] = slot
+        slot.last_used = time.monotonic()
         return slot
 
     def _run(self, run_id: str) -> _Run:
@@ -166,6 +172,48 @@ class TorchEngine:
             return
         run.optimizer.state.clear()
         self._slots[run.base_model].host.remove(run.adapter)
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @_serialised
+    def pending_gradients(self, run_id: str) -> bool:
+        """True if forward_backward accumulated gradients that no optim_step has consumed yet:
+        a snapshot taken now would lose them, so eviction does not snapshot such a run."""
+        return any(p.grad is not None for p in self._run(run_id).params.values())
+
+    # -- memory -------------------------------------------------------------------------------
+
+    @_serialised
+    def loaded_models(self) -> list[str]:
+        return sorted(self._slots)
+
+    @_serialised
+    def unload_idle_models(self, idle_seconds: float) -> list[str]:
+        """Unload every base model that no run uses and that nothing used for `idle_seconds`
+        (0: every model without a run); it loads again on its next use. Returns their names."""
+        in_use = {run.base_model for run in self._runs.values()}
+        cutoff = time.monotonic() - idle_seconds
+        idle = [name for name, slot in self._slots.items() if name not in in_use and slot.last_used <= cutoff]
+        for name in idle:
+            del self._slots[name]
+        if idle:
+            self._release_cached()
+        return idle
+
+    @_serialised
+    def free_memory(self) -> None:
+        """After an out-of-memory error: drop everything that is only a cache (models without a
+        run, sampler adapters) and hand the allocator's cached blocks back to the device."""
+        for name in [n for n in self._slots if n not in {r.base_model for r in self._runs.values()}]:
+            del self._slots[name]
+        for slot in self._slots.values():
+            while slot.samplers:
+                _, adapter = slot.samplers.popitem(last=False)
+                slot.host.remove(adapter)
+        self._release_cached()
+
+    def _release_cached(self) -> None:
+        gc.collect()  # the model's modules hold reference cycles; free them before empty_cache
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
