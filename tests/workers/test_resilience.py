@@ -206,10 +206,12 @@ def test_device_fatal_ends_the_worker_without_committing_and_the_next_one_comple
 
     once_at("before_engine_optim_step", sticky_cuda_error)
     a = make_runner(settings, db, TorchEngine(settings.models(), cache_dir=engine_cache), "a")
-    loop = threading.Thread(target=a.run_forever)
+    loop = threading.Thread(target=a.run_forever, daemon=True)
     loop.start()
     loop.join(timeout=120)
-    assert not loop.is_alive(), "the worker kept running after a device error"
+    running_on = loop.is_alive()
+    a.stop.set()  # (the old runner recorded the op as failed and went on)
+    assert not running_on, "the worker kept running after a device error"
     assert isinstance(a.fatal, DeviceFatal)
     first, step = op_rows(db, request_ids[:2])
     assert first.status == "succeeded"
