@@ -16,7 +16,7 @@ from app.domain.errors import InvalidInput
 CheckpointKind = Literal["training", "sampler", "external"]
 
 # tinker://<run>/<path segment>/<name>; the segment names are the SDK's (types/checkpoint.py).
-# "external" (save_weights_external) exists only in SDK 0.38 (tinker-protocol.md §8, §11 row 13).
+# "external" (save_weights_external) exists from SDK 0.28 (docs/compatibility.md; tinker-protocol.md §8).
 SEGMENT_FOR_KIND: dict[str, str] = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
 _KIND_FOR_SEGMENT: dict[str, CheckpointKind] = {
     "weights": "training",
