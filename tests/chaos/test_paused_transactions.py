@@ -75,6 +75,13 @@ def test_a_worker_paused_inside_a_transaction_does_not_stall_the_other(
         )
         recovery = time.monotonic() - stopped_at
         assert proc_state(zombie) == "T", "the paused worker must still be paused: the survivor did it"
+        # The server ended the paused transaction (idle_in_transaction_session_timeout): no worker
+        # session is left idle inside a transaction, holding locks.
+        stuck = c.sql(
+            "select application_name, state, now() - state_change as idle from pg_stat_activity"
+            " where datname = current_database() and state like 'idle in transaction%'"
+        )
+        assert not [r for r in stuck if r.idle.total_seconds() > 3], stuck
         owner = c.owner_pid(run_id)
         assert owner is None or owner != zombie
         wait_for(lambda: c.applied_seq(run_id) == driver.expected_ops, PAUSE_SECONDS, "the run to finish", 0.1)
