@@ -66,9 +66,8 @@ WORKER_COLUMNS = ["worker_id", "device", "queue", "heartbeat_age", "runs", "stat
 
 def run_admin(settings: Settings, args: argparse.Namespace) -> int:
     url = settings.resolved_database_url()
-    if not migrate.at_head(url):
-        print(f"tuft: the database at {migrate.redact(url)} is not migrated; run `tuft db upgrade` first")
-        return 2
+    # An older or a newer schema: migrate.SchemaError, printed as one line by app/cli/main.py (exit 2).
+    migrate.require_current(url, "tuft")
     db = Database(url, process_name="cli")
     try:
         return _run(settings, db, args)

@@ -13,9 +13,8 @@ from app.db.engine import Database
 
 def run_keys(settings: Settings, args: argparse.Namespace) -> int:
     url = settings.resolved_database_url()
-    if not migrate.at_head(url):
-        print(f"tuft keys: the database at {migrate.redact(url)} is not migrated; run `tuft db upgrade` first")
-        return 2
+    # An older or a newer schema: migrate.SchemaError, printed as one line by app/cli/main.py (exit 2).
+    migrate.require_current(url, "tuft keys")
     db = Database(url, process_name="cli")
     try:
         if args.keys_command == "create":

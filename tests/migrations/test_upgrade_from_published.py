@@ -153,8 +153,8 @@ def _tuft(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_newer_schema_is_refused_with_a_clear_message(db_url: str, tmp_path: Path) -> None:
-    """A database a newer release migrated (revision 9999): `tuft db upgrade`, `tuft api` and a
-    worker all exit 2 with one clear line, no traceback, and change nothing."""
+    """A database a newer release migrated (revision 9999): `tuft db upgrade`, `tuft api`, a
+    worker and the admin commands all exit 2 with one clear line, no traceback, and change nothing."""
     migrate.upgrade(db_url)
     db = Database(db_url, process_name="test")
     try:
@@ -164,7 +164,13 @@ def test_a_newer_schema_is_refused_with_a_clear_message(db_url: str, tmp_path: P
         db.dispose()
     assert migrate.schema_status(db_url) == "newer"
     common = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]
-    for args in (["db", "upgrade", *common], ["api", *common, "--port", "1"], ["worker", *common, "--device", "cpu"]):
+    for args in (
+        ["db", "upgrade", *common],
+        ["api", *common, "--port", "1"],
+        ["worker", *common, "--device", "cpu"],
+        ["runs", "list", *common],
+        ["keys", "list", *common],
+    ):
         out = _tuft(*args)
         assert out.returncode == 2, (args, out.returncode, out.stdout, out.stderr)
         assert "Traceback" not in out.stderr, out.stderr
