@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +75,10 @@ def fault(name: str) -> None:
     if action == "exit":
         os._exit(137)
     elif action == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # Directed at this thread, so that this thread takes the stop on its way out of the call:
+        # a process-directed SIGSTOP may be taken by another thread, and under load this one runs
+        # on past the point meanwhile. Either way the whole process stops.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, f"injected: no space left on device ({name})")
     elif action in ("device_fatal", "oom"):

@@ -23,11 +23,12 @@ from app.queue import leases
 from app.queue.sweeper import sweep
 from tests.workers.conftest import make_engine, make_settings
 from tests.workers.test_recovery import new_run, script, submit_all
+from workers.engine import TorchEngine
 from workers.runner import Runner
 
 
-def _runner(settings: Any, db: Database, cache: Path, name: str) -> Runner:
-    runner = Runner(settings, db, make_engine(settings, cache), worker_id=name)
+def _runner(settings: Any, db: Database, engine: TorchEngine, name: str) -> Runner:
+    runner = Runner(settings, db, engine, worker_id=name)
     with db.write() as s:
         leases.register_worker(s, worker_id=name, host="test", device="cpu", queue=f"q.{name}", pid=0)
     return runner
@@ -59,8 +60,9 @@ def test_a_paused_writer_cannot_touch_the_save_registered_after_a_takeover(
     db = Database(db_url)
     run_id = new_run(db)
     ids = submit_all(db, run_id, [*script(1), SaveWeightsOp(checkpoint_kind="training", name="final")])
-    a = _runner(settings, db, engine_cache, "a")
-    b = _runner(settings, db, engine_cache, "b")
+    a = _runner(settings, db, make_engine(settings, engine_cache), "a")
+    engine_b = make_engine(settings, engine_cache)
+    b = _runner(settings, db, engine_b, "b")
 
     # A pauses at the named fault point between sealing its checkpoint and renaming it into place
     # (where a SIGSTOPped worker was caught in the report).
@@ -113,9 +115,9 @@ def test_a_paused_writer_cannot_touch_the_save_registered_after_a_takeover(
     with db.read() as s:
         run = s.get(Run, run_id)
         assert run is not None
-        b.engine.create_run(probe, run.base_model, LoraConfig.model_validate(run.lora_config))
-    b.engine.load_run(probe, folder, True)  # "not a TuFT checkpoint" when A had removed them
-    assert b.engine.state_digest(probe) == b.engine.state_digest(run_id)
+        engine_b.create_run(probe, run.base_model, LoraConfig.model_validate(run.lora_config))
+    engine_b.load_run(probe, folder, True)  # "not a TuFT checkpoint" when A had removed them
+    assert engine_b.state_digest(probe) == engine_b.state_digest(run_id)
     assert CheckpointStore(settings.resolved_checkpoint_dir()).verify(registered) is None
     # A removed only its own, unregistered folder: B's is the only one left under the name.
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]
