@@ -151,19 +151,20 @@ def apply_retention(s: DbSession, finished_run_retention: float, report: SweepRe
     retention.retire_finished_runs(s, finished_run_retention, r)
 
 
-def _steps(
-    lease_ttl: float, result_retention: float, finished_run_retention: float, report: SweepReport
-) -> list[tuple[str, Callable[[DbSession], object]]]:
-    def requeue(s: DbSession) -> None:
+Step = Callable[[DbSession, SweepReport], object]
+
+
+def _steps(lease_ttl: float, result_retention: float, finished_run_retention: float) -> list[tuple[str, Step]]:
+    def requeue(s: DbSession, report: SweepReport) -> None:
         report.requeued_samples += requeue_expired_samples(s)
 
     return [
-        ("dead_workers", lambda s: mark_dead_workers(s, lease_ttl, report)),
+        ("dead_workers", lambda s, r: mark_dead_workers(s, lease_ttl, r)),
         ("samples", requeue),
-        ("wakeups", lambda s: rering_stale(s, report)),
-        ("results", lambda s: expire_results(s, result_retention, report)),
-        ("checkpoints", lambda s: expire_checkpoints(s, report)),
-        ("retention", lambda s: apply_retention(s, finished_run_retention, report)),
+        ("wakeups", rering_stale),
+        ("results", lambda s, r: expire_results(s, result_retention, r)),
+        ("checkpoints", expire_checkpoints),
+        ("retention", lambda s, r: apply_retention(s, finished_run_retention, r)),
     ]
 
 
@@ -172,30 +173,48 @@ def sweep(
 ) -> SweepReport:
     report = SweepReport()
     expire_leases(s, report)
-    for _name, step in _steps(lease_ttl, result_retention, finished_run_retention, report):
-        step(s)
+    for _name, step in _steps(lease_ttl, result_retention, finished_run_retention):
+        step(s, report)
     return report
+
+
+def _merge(into: SweepReport, done: SweepReport) -> None:
+    into.expired_leases += done.expired_leases
+    into.dead_workers += done.dead_workers
+    into.requeued_samples += done.requeued_samples
+    into.expired_results += done.expired_results
+    into.expired_checkpoints += done.expired_checkpoints
+    into.wakeups += done.wakeups
+    into.retention.results_dropped += done.retention.results_dropped
+    into.retention.payloads_pruned += done.retention.payloads_pruned
+    into.retention.finished_runs += done.retention.finished_runs
+    into.retention.snapshot_paths += done.retention.snapshot_paths
 
 
 def run_pass(
     db: Database, *, lease_ttl: float, result_retention: float, finished_run_retention: float = 0.0
 ) -> SweepReport:
-    """One pass in short transactions: leases first (one run per transaction), then the rest."""
+    """One pass in short transactions: leases first (one run per transaction), then the rest.
+    A step's findings join the report only once its transaction has committed: the caller deletes
+    files on the strength of it."""
     report = SweepReport()
 
-    def attempt(name: str, step: Callable[[DbSession], object]) -> None:
+    def attempt(name: str, step: Step) -> None:
+        done = SweepReport()
         try:
             with db.write() as s:
-                step(s)
+                step(s, done)
         except DBAPIError as exc:
             # A lock timeout behind a paused process, a deadlock victim, a restart: next pass.
             report.failed_steps.append(name)
             log.warning("sweeper step %s failed (retried next pass): %s", name, type(exc.orig).__name__)
+            return
+        _merge(report, done)
 
     found: list[str] = []
-    attempt("leases", lambda s: found.extend(expired_runs(s)))
+    attempt("leases", lambda s, _r: found.extend(expired_runs(s)))
     for run_id in found:
-        attempt("leases", lambda s, run_id=run_id: take_back(s, run_id, report))  # type: ignore[misc]
-    for name, step in _steps(lease_ttl, result_retention, finished_run_retention, report):
+        attempt("leases", lambda s, r, run_id=run_id: take_back(s, run_id, r))  # type: ignore[misc]
+    for name, step in _steps(lease_ttl, result_retention, finished_run_retention):
         attempt(name, step)
     return report
