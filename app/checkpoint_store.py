@@ -242,21 +242,24 @@ class CheckpointStore:
 
     def sweep_orphans(self, db: Database, grace_seconds: float, now: float | None = None) -> list[str]:
         """Remove folders no row names, untouched for `grace_seconds`, whose writing attempt can no
-        longer commit; return their paths. Order matters: the attempts are read first, the rows
-        second, so a commit landing in between is seen as a row (an attempt that is not in flight
-        at the first read can never register its folder later)."""
+        longer commit; return their paths. Order matters: the attempts are read before the rows
+        that decide, so a commit landing in between is seen as a row (an attempt that is not in
+        flight at that read can never register its folder later)."""
         cutoff = (time.time() if now is None else now) - grace_seconds
         candidates = list(self._candidates(cutoff))
-        saves = [rel for rel, temporary in candidates if not temporary]
-        writers = {rel: _written_by(self.root / rel) for rel in saves}
         removed = [rel for rel, temporary in candidates if temporary]
         for rel in removed:
             shutil.rmtree(self.root / rel, ignore_errors=True)
+        saves = [rel for rel, temporary in candidates if not temporary]
         if saves:
             with db.read() as s:
+                registered = _named(s, saves)  # most of them: a first, cheap cut
+            unnamed = [rel for rel in saves if rel not in registered]
+            writers = {rel: _written_by(self.root / rel) for rel in unnamed}
+            with db.read() as s:
                 live = _in_flight(s, [w for w in writers.values() if w is not None])
-                named = _named(s, saves)
-            for rel in saves:
+                named = _named(s, unnamed)
+            for rel in unnamed:
                 writer = writers[rel]
                 if rel in named or (writer is not None and _attempt_key(writer) in live):
                     continue
