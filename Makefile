@@ -17,7 +17,7 @@ STAMP_OLD := $(VENV_OLD)/.tuft-installed
 # only the tinker package in its own folder (pip --target, no dependencies: they are the main
 # venv's), put first on PYTHONPATH by tests/e2e/test_sdk_matrix.py. No venv or torch per version.
 SDK_MATRIX_FILE := tests/e2e/sdk_matrix.txt
-SDK_MATRIX := $(shell grep -v '^\#' $(SDK_MATRIX_FILE))
+SDK_MATRIX := $(shell grep -E '^[0-9]' $(SDK_MATRIX_FILE))
 SDK_DIR ?= .venv-sdks
 SDK_STAMPS := $(foreach v,$(SDK_MATRIX),$(SDK_DIR)/$(v)/.tuft-installed)
 
