@@ -32,7 +32,9 @@ from app.api import sdk_range
 from tests.e2e.server import LiveServer, embedded
 from tests.e2e.test_training import new_training
 
-pytestmark = pytest.mark.e2e
+# The first test's setup runs every version (a few minutes on a loaded 2-core machine); each
+# version's own process is bounded separately (480 s).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 KEY = "tml-local-dev-key"
 SMOKE = Path(__file__).with_name("sdk_smoke.py")
