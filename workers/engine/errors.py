@@ -4,9 +4,11 @@
   runner fails the op with category "user"; the run's state is untouched because every op validates
   all of its input before it changes anything.
 - `OutOfMemory`: the device ran out of memory. The op may have half-applied (e.g. some micro-batches'
-  gradients were accumulated), so the runner must discard the run's in-memory state and recover it.
+  gradients were accumulated), so the runner discards the run's in-memory state, frees what other
+  runs and cached models hold (`TorchEngine.free_memory`), rebuilds the run and retries the op once.
 - `DeviceFatal`: a sticky device error (illegal memory access, ECC...). The CUDA context is unusable;
-  the process must exit and let the supervisor restart it.
+  the runner commits nothing for the op and the process exits (status 3) for its supervisor to
+  restart it, while other workers take its runs.
 """
 
 from __future__ import annotations
