@@ -29,6 +29,7 @@ from app.domain.errors import DomainError, InvalidInput, PayloadTooLarge
 from app.doorbell import make_doorbell
 from app.sweeper import SweeperThread
 from app.wire.errors import error_body, http_status_for
+from app.wire.oai import error_body as oai_error_body
 
 log = logging.getLogger("tuft.api")
 
@@ -48,7 +49,7 @@ class BodyLimit:
         if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
             # PostgreSQL text cannot hold NUL: an id with one can name nothing, and would otherwise
             # reach the database as a DataError (a 5xx the SDK retries forever).
-            await _refuse(400, InvalidInput("the URL must not contain NUL characters (%00)"), send)
+            await _refuse(400, InvalidInput("the URL must not contain NUL characters (%00)"), send, scope)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -72,8 +73,12 @@ async def _too_large(limit: int, send: Send) -> None:
     await _refuse(413, PayloadTooLarge(f"request body exceeds the limit of {limit} bytes"), send)
 
 
-async def _refuse(status: int, err: DomainError, send: Send) -> None:
-    response = JSONResponse(error_body(err), status_code=status)
+async def _refuse(status: int, err: DomainError, send: Send, scope: Scope | None = None) -> None:
+    body = error_body(err)
+    if scope is not None and scope["path"].startswith("/oai/"):
+        # OpenAI clients read only their own error shape (docs/openai.md).
+        body = oai_error_body(err.message, type_="invalid_request_error", code="invalid_value")
+    response = JSONResponse(body, status_code=status)
     await response({"type": "http"}, _empty_receive, send)
 
 

@@ -77,8 +77,7 @@ def tensor_elements(msg: pb.Tensor) -> int:
     if msg.shape:
         return math.prod(max(int(d), 0) for d in msg.shape)
     wire = _WIRE_DTYPES.get(msg.dtype)
-    # ByteSize() bounds the dense bytes from above without copying them out of the message.
-    return msg.ByteSize() // wire.itemsize if wire is not None else 0
+    return len(msg.dense) // wire.itemsize if wire is not None else 0
 
 
 def array_from_proto(msg: pb.Tensor, what: str, budget: SparseBudget) -> Array:
