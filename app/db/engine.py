@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 
 def normalize_url(url: str) -> str:
@@ -135,6 +135,11 @@ class Database:
                 connect_args=connect_args,
             )
             self.read_engine = self.write_engine
+        # Configure the ORM mappers now, not lazily inside the first unit of work: under load
+        # that took seconds with a transaction open (and the idle-in-transaction timeout ended it).
+        import app.db.models  # noqa: F401  (registers the tables)
+
+        configure_mappers()
         self._write = sessionmaker(self.write_engine, expire_on_commit=False)
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
 
