@@ -25,7 +25,7 @@ from app.api.state import AppState
 from app.auth import KeyResolver
 from app.config import Settings
 from app.db.engine import Database, DbTimeouts
-from app.domain.errors import DomainError, InvalidInput, PayloadTooLarge
+from app.domain.errors import DomainError, InvalidInput, NotFound, PayloadTooLarge
 from app.doorbell import make_doorbell
 from app.sweeper import SweeperThread
 from app.wire.errors import error_body, http_status_for
@@ -46,10 +46,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
-            # PostgreSQL text cannot hold NUL: an id with one can name nothing, and would otherwise
-            # reach the database as a DataError (a 5xx the SDK retries forever).
-            await _refuse(400, InvalidInput("the URL must not contain NUL characters (%00)"), send, scope)
+        # PostgreSQL text cannot hold NUL: an id with one names nothing (404, as for any unknown
+        # id), and would otherwise reach the database as a DataError (a 5xx the SDK retries).
+        if "\x00" in scope["path"]:
+            await _refuse(404, NotFound(f"nothing is named with a NUL character (%00): {scope['path']!r}"), send, scope)
+            return
+        if b"%00" in scope.get("query_string", b""):
+            await _refuse(400, InvalidInput("the query string must not contain NUL characters (%00)"), send, scope)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from app.domain.errors import InvalidInput, MalformedRequest
 from app.domain.ids import run_id_for
@@ -244,8 +244,19 @@ class ChunkModel(WireModel):
     tokens: list[int] | None = Field(None, max_length=1 << 20)
 
 
+MAX_PROMPT_TOKENS = 1 << 20
+
+
 class ModelInputModel(WireModel):
     chunks: list[ChunkModel] = Field(default_factory=list, max_length=1 << 16)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ModelInputModel:
+        # Checked while parsing (off the event loop for a large body), so that building the
+        # prompt afterwards stays cheap whatever the body held.
+        if sum(len(c.tokens or ()) for c in self.chunks) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"the prompt holds more than {MAX_PROMPT_TOKENS} tokens")
+        return self
 
 
 class SamplingParamsModel(WireModel):

@@ -81,7 +81,7 @@ def test_unstorable_values_are_400_naming_the_field(api: Api, field: str, value:
 
 
 def test_nul_in_a_url_is_400(api: Api) -> None:
-    assert_error(api.get("/api/v1/training_runs/s-x%00y"), 400, contains="NUL")
+    assert_error(api.get("/api/v1/training_runs/s-x%00y"), 404, contains="NUL")
     assert_error(api.get("/api/v1/checkpoints?limit=1%00"), 400, contains="NUL")
 
 
