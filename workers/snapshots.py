@@ -10,6 +10,7 @@ force: it never fails the run. The newest `snapshots_kept` verified snapshots ar
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -113,7 +114,7 @@ class SnapshotWriter:
                 )
             for path in dropped:
                 shutil.rmtree(self.root / path, ignore_errors=True)
-            self._remove_unregistered(run_id, final.parent)
+            self._remove_unregistered(run_id, final.parent, epoch)
             log.info("snapshot of %s at seq %d written (%d bytes)", run_id, seq, size)
         except Fenced as exc:
             log.warning("snapshot discarded: %s", exc)
@@ -128,16 +129,31 @@ class SnapshotWriter:
             log.exception("ALERT snapshot of %s at seq %d failed", run_id, seq)
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _remove_unregistered(self, run_id: str, folder: Path) -> None:
+    def _remove_unregistered(self, run_id: str, folder: Path, epoch: int) -> None:
         """Folders a crash left behind (written but never registered, or half-written `.tmp`) are
-        garbage: only registered snapshots count. Called by the run's current owner after it
-        registered one, so nothing it still needs is in flight."""
+        garbage: only registered snapshots count. Called right after this worker registered one
+        under `epoch`; it may already have lost the run since (paused between that commit and
+        here), so it only removes folders written under its own epoch or an older one: a folder of
+        a newer epoch belongs to the run's next owner, registered or about to be, and is never
+        touched (the same rule as checkpoint files: a writer without the fence leaves them be)."""
         with self.db.read() as s:
             keep = {Path(row.storage_path).name for row in snapshots.for_run(s, run_id)}
         for entry in folder.iterdir():
-            if entry.name not in keep:
-                log.info("removing unregistered snapshot files %s", entry)
-                shutil.rmtree(entry, ignore_errors=True)
+            written_under = _folder_epoch(entry.name)
+            if entry.name in keep or written_under is None or written_under > epoch:
+                continue
+            log.info("removing unregistered snapshot files %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+_FOLDER = re.compile(r"^\.?snap-\d+-e(\d+)(\.tmp)?$")
+
+
+def _folder_epoch(name: str) -> int | None:
+    """The lease epoch a snapshot folder (`snap-<seq>-e<epoch>`, or its `.tmp` staging) was written
+    under; None for anything else, which is left alone."""
+    match = _FOLDER.match(name)
+    return int(match.group(1)) if match else None
