@@ -11,9 +11,12 @@ from typing import Any
 
 import anyio
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from tinker import types
 
 from app.api.decoding import DecodeBusy, DecodeGate
+from app.api.main import install_error_handlers
 from tests.api.helpers import BASE_MODEL, Api, adam, assert_error, ce_datum, fb_body, record_checkpoint
 
 DEEP_BODY = ('{"a":' * 100_000 + "1" + "}" * 100_000).encode()
@@ -91,7 +94,9 @@ def test_bad_json_training_op_is_a_failed_future_at_its_seq(api: Api) -> None:
     model_id = api.model()
     bad = {"model_id": model_id, "seq_id": 1, "adam_params": adam(), "optimizer_params": "\x00"}
     assert "NUL" in api.failed_future(api.accepted(api.post("/api/v1/optim_step", bad)))
-    api.queued(api.accepted(api.post("/api/v1/optim_step", {"model_id": model_id, "seq_id": 2, "adam_params": adam()})))
+    load = {"model_id": model_id, "seq_id": 2, "path": "tinker://x/weights/\ud800"}
+    assert "surrogate" in api.failed_future(api.accepted(api.post("/api/v1/load_weights", load)))
+    api.queued(api.accepted(api.post("/api/v1/optim_step", {"model_id": model_id, "seq_id": 3, "adam_params": adam()})))
 
 
 def _raw_datum(n_tokens: int) -> types.Datum:
@@ -153,3 +158,19 @@ def test_decode_gate_keeps_slots_for_other_tenants() -> None:
     outcomes = anyio.run(scenario)
     assert outcomes.count("decoded") == 3
     assert all("flooder" in o and "retry after" in o for o in outcomes if o.startswith("busy"))
+
+
+def test_a_busy_tenant_gets_429_with_retry_after() -> None:
+    # The mapping of DecodeBusy (the gate above) onto the wire: a JSON 429 the SDK backs off on.
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/busy")
+    async def busy() -> None:
+        raise DecodeBusy("flooder", 8)
+
+    with TestClient(app) as client:
+        r = client.post("/busy")
+    body = assert_error(r, 429, error="too_many_requests", contains="retry after")
+    assert body["category"] == "server"
+    assert r.headers["retry-after"] == "1"

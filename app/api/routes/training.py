@@ -203,19 +203,15 @@ def _locate_json(body: bytes) -> tuple[str, int] | None:
     return model_id, seq
 
 
-async def _json_run_op(
-    request: Request,
-    state: AppState,
-    tenant: str,
-    model: type[Any],
-    kind: str,
-    to_op: Callable[[Any], BaseModel],
-) -> dict[str, Any]:
+async def _json_or_rejected(
+    request: Request, state: AppState, tenant: str, model: type[Any], kind: str
+) -> Any | dict[str, Any]:
+    """The body as `model`; or, when it does not validate but names a usable (model_id, seq_id),
+    the reply for a failed op recorded at that seq: as for forward_backward, the run must not
+    wait forever for a seq whose request was refused."""
     try:
-        req = await body_as(request, model)
+        return await body_as(request, model)
     except InvalidInput as exc:
-        # As for forward_backward: a request that names its (model, seq) gets a failed future at
-        # that seq, so the run does not wait forever for it.
         body = await request.body()
         located = await run_in_threadpool(_locate_json, body) if len(body) > 65536 else _locate_json(body)
         if located is None:
@@ -225,6 +221,19 @@ async def _json_run_op(
             _submit_run_op, state, tenant, model_id, seq, kind, _rejected(exc.message), body
         )
         return {"request_id": request_id, "model_id": model_id}
+
+
+async def _json_run_op(
+    request: Request,
+    state: AppState,
+    tenant: str,
+    model: type[Any],
+    kind: str,
+    to_op: Callable[[Any], BaseModel],
+) -> dict[str, Any]:
+    req = await _json_or_rejected(request, state, tenant, model, kind)
+    if isinstance(req, dict):
+        return req
     body = await request.body()
     seq = translate.require_seq_id(req.seq_id)
 
@@ -271,8 +280,10 @@ async def save_weights_external(request: Request, state: State, tenant: Tenant) 
 
 @router.post("/api/v1/load_weights")
 async def load_weights(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+    req = await _json_or_rejected(request, state, tenant, LoadWeightsRequest, "load_weights")
+    if isinstance(req, dict):
+        return req
     body = await request.body()
-    req = await body_as(request, LoadWeightsRequest)
     if req.model_id is None and req.session_id is None:
         raise InvalidInput("load_weights needs model_id (+seq_id), or session_id and model_seq_id")
     if req.model_id is not None:
