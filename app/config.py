@@ -11,7 +11,7 @@ import ipaddress
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -134,6 +134,12 @@ class Settings(BaseModel):
 
     # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
     worker_device: str = "auto"
+    # forward_backward in micro-batches (docs/performance.md "Large batches"): padded tokens per
+    # micro-batch, "auto" = from free GPU memory (8192 on CPU); halved after an out-of-memory error.
+    micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # Recompute decoder layers' activations in backward: "auto" = on CUDA, only when micro-batches
+    # would otherwise be tiny; "on" / "off" force it.
+    activation_checkpointing: Literal["auto", "on", "off"] = "auto"
 
     # Checkpoint downloads (docs/downloads.md): signed, time-limited links served without the API
     # key. Every API process must sign with the same key; unset, one is generated once and kept in

@@ -19,10 +19,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import ConfigError, Settings, load_settings
 from app.domain.models import BUILTIN_TINY_PATH
 from app.queue.submit import NEW_RUNS_QUEUE
+
+if TYPE_CHECKING:
+    from workers.engine import EngineConfig
 
 log = logging.getLogger("tuft.worker")
 
@@ -54,6 +58,17 @@ def _device(args: argparse.Namespace, settings: Settings) -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's settings as plain values: workers/engine never reads app.config."""
+    from workers.engine import EngineConfig
+
+    tokens = settings.micro_batch_tokens
+    return EngineConfig(
+        micro_batch_tokens=None if tokens == "auto" else tokens,
+        activation_checkpointing=settings.activation_checkpointing,
+    )
 
 
 def _wait_for_schema(settings: Settings, db: object, register: object) -> None:
@@ -146,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         timeouts=DbTimeouts.for_lease(settings.lease_ttl_seconds),  # bounds a paused transaction
     )
     cache_dir = settings.resolved_data_dir() / "cache"
-    engine = TorchEngine(settings.models(), device=device, cache_dir=cache_dir)
+    engine = TorchEngine(settings.models(), device=device, cache_dir=cache_dir, config=engine_config(settings))
     _warm_builtin_tokenizer(settings, cache_dir)
     runner = Runner(
         settings,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
+import pytest
 import torch
 
 from app.domain.models import BUILTIN_TINY_MODEL
 from app.domain.ops import Datum, ForwardBackwardOp, LoraConfig
 from app.domain.tensors import Array
+from workers.engine import TorchEngine
 
 TINY = BUILTIN_TINY_MODEL
 
@@ -55,3 +58,10 @@ def same_grads(a: Mapping[str, torch.Tensor | None], b: Mapping[str, torch.Tenso
         elif not torch.equal(ga, gb):
             return False
     return True
+
+
+def set_micro_batch_tokens(monkeypatch: pytest.MonkeyPatch, engine: TorchEngine, tokens: int) -> None:
+    """Force the tiny model's micro-batch budget on a shared engine for one test (it must have
+    loaded the model, e.g. by creating a run)."""
+    batcher = engine._slots[TINY].batcher
+    monkeypatch.setattr(batcher, "config", replace(batcher.config, micro_batch_tokens=tokens))

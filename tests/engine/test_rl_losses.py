@@ -14,9 +14,8 @@ from app.domain.errors import InvalidInput
 from app.domain.ops import AdamParams, Datum, ForwardBackwardOp, OptimStepOp, resolve_loss_config
 from app.domain.results import ForwardBackwardResult
 from app.domain.tensors import Array
-from tests.engine.helpers import ON_GPU, TINY, datum, fb, lora, ref_tol, same_grads
+from tests.engine.helpers import ON_GPU, TINY, datum, fb, lora, ref_tol, same_grads, set_micro_batch_tokens
 from workers.engine import OpInputError, TorchEngine
-from workers.engine import losses as engine_losses
 
 SEQ_A = [101, 57, 12, 7, 102, 55, 66, 9, 31]  # 8 positions: 3 "prompt", 5 "response"
 SEQ_B = [3, 1000, 151_000, 42, 77]  # 4 positions: 1 "prompt", 3 "response"
@@ -234,7 +233,7 @@ def test_micro_batching_does_not_change_the_result(engine: TorchEngine, monkeypa
     data = [rl_datum(s, q.tolist(), a.tolist()) for s, q, a in zip((SEQ_A, SEQ_B), qs, advs, strict=True)]
     config = CONFIGS["gspo"]
     together = engine.forward_backward(run, rl_op("gspo", *data, config=config))
-    monkeypatch.setattr(engine_losses, "MICRO_BATCH_TOKENS", 8)  # one datum per micro-batch
+    set_micro_batch_tokens(monkeypatch, engine, 8)  # one datum per micro-batch
     apart = engine.forward_backward(twin, rl_op("gspo", *data, config=config))
     assert apart.metrics == pytest.approx(together.metrics, rel=1e-5, abs=ref_tol(0.0))
     assert_grads_close(engine.adapter_grads(twin), engine.adapter_grads(run))
@@ -305,13 +304,14 @@ def test_infinite_loss_fails_and_rolls_back_earlier_micro_batches(
 ) -> None:
     run = f"inf:{loss_fn}"
     engine.create_run(run, TINY, lora(seed=2))
-    good_lp, bad_lp = model_logprobs(engine, run, SEQ_B, SEQ_A)
-    good = rl_datum(SEQ_B, (good_lp - 0.1).tolist(), [1.0] * good_lp.shape[0])
+    good_lp, bad_lp = model_logprobs(engine, run, SEQ_A, SEQ_B)
+    # The longer datum runs first (microbatch.py), so `good` is backpropagated before `bad` fails.
+    good = rl_datum(SEQ_A, (good_lp - 0.1).tolist(), [1.0] * good_lp.shape[0])
     # A ratio of exp(200) on a token whose advantage is negative: the loss is +inf.
-    bad = rl_datum(SEQ_A, (bad_lp - 200.0).tolist(), [-1.0] * bad_lp.shape[0])
+    bad = rl_datum(SEQ_B, (bad_lp - 200.0).tolist(), [-1.0] * bad_lp.shape[0])
     engine.forward_backward(run, fb(datum(SEQ_A)))  # an accumulated gradient to protect
     digest, grads = engine.state_digest(run), engine.adapter_grads(run)
-    monkeypatch.setattr(engine_losses, "MICRO_BATCH_TOKENS", 8)  # `good` is backpropagated first
+    set_micro_batch_tokens(monkeypatch, engine, 8)  # one datum per micro-batch
     with pytest.raises(OpInputError, match=r"datum 1, token 0: the .* loss is not finite"):
         engine.forward_backward(run, rl_op(loss_fn, good, bad))
     assert engine.state_digest(run) == digest

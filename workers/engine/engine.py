@@ -27,9 +27,11 @@ from app.domain.results import ForwardBackwardResult, OptimStepResult, SampleRes
 from workers.engine import checkpoint
 from workers.engine.adapters import AdapterHost, adapter_name_for, peft_config_for
 from workers.engine.base_models import LoadedModel, config_vocab_size, load_base_model, resolve_dtype
+from workers.engine.config import EngineConfig
 from workers.engine.determinism import configure_determinism
 from workers.engine.errors import OpInputError, translate_device_errors
 from workers.engine.losses import prepare_data, run_loss
+from workers.engine.microbatch import MicroBatcher, Report
 from workers.engine.optim import adam_step, new_optimizer, validate_adam
 from workers.engine.sampling import resolve_max_tokens, sample
 
@@ -78,6 +80,8 @@ class _Slot:
     host: AdapterHost
     # (adapter folder, mtime_ns, size) -> adapter name: a re-saved folder is a different adapter.
     samplers: OrderedDict[tuple[str, int, int], str]
+    # forward_backward's micro-batching; remembers the budget that worked on this model.
+    batcher: MicroBatcher
     # Monotonic time of the last call that used the model: an idle model with no run on it is
     # unloaded (unload_idle_models), so a worker does not keep every model it ever served.
     last_used: float = 0.0
@@ -96,13 +100,16 @@ class TorchEngine:
         device: str = "cpu",
         cache_dir: Path | None = None,
         dtype: str | None = None,
+        config: EngineConfig | None = None,
     ) -> None:
         """Nothing is loaded here (models load on first use), so constructing an engine is cheap.
 
         cache_dir holds derived files (the built-in tokenizer); None means ~/.cache/tuft.
         dtype: "float32" | "bfloat16" | "float16" for base weights; None picks float32 on CPU and
         bfloat16 elsewhere. LoRA weights and optimizer state are always float32.
+        config: micro-batching and activation checkpointing (EngineConfig's defaults if None).
         """
+        self._config = config or EngineConfig()
         self._specs = {spec.model_name: spec for spec in models}
         self._device = torch.device(device)
         self._dtype = resolve_dtype(dtype, self._device)
@@ -125,7 +132,12 @@ class TorchEngine:
         if slot is None:
             configure_determinism(self._device)
             loaded = load_base_model(spec, self._device, self._dtype, self._cache_dir)
-            slot = _Slot(loaded=loaded, host=AdapterHost(loaded.model), samplers=OrderedDict())
+            slot = _Slot(
+                loaded=loaded,
+                host=AdapterHost(loaded.model),
+                samplers=OrderedDict(),
+                batcher=MicroBatcher(loaded.model, self._device, self._config),
+            )
             self._slots[base_model] = slot
         slot.last_used = time.monotonic()
         return slot
@@ -227,7 +239,14 @@ class TorchEngine:
         slot = self._slot(run.base_model)
         data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
         slot.host.activate(run.adapter, trainable=True)
-        return run_loss(slot.loaded.model, data, op.forward_only)
+        return run_loss(slot.loaded.model, data, op.forward_only, slot.batcher)
+
+    @_serialised
+    def micro_batch_report(self, base_model: str) -> Report | None:
+        """How the last forward_backward on `base_model` was split (budget, checkpointing, OOM
+        retries); None before the first. For benchmarks and logs."""
+        slot = self._slots.get(base_model)
+        return None if slot is None else slot.batcher.last
 
     @_serialised
     def optim_step(self, run_id: str, op: OptimStepOp) -> OptimStepResult:

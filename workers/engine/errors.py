@@ -3,9 +3,11 @@
 - `OpInputError`: the op itself is bad (token id out of range, unknown loss, rank mismatch...). The
   runner fails the op with category "user"; the run's state is untouched because every op validates
   all of its input before it changes anything.
-- `OutOfMemory`: the device ran out of memory. The op may have half-applied (e.g. some micro-batches'
-  gradients were accumulated), so the runner discards the run's in-memory state, frees what other
-  runs and cached models hold (`TorchEngine.free_memory`), rebuilds the run and retries the op once.
+- `OutOfMemory`: the device ran out of memory. forward_backward first retries inside the engine
+  with smaller micro-batches (microbatch.py) and raises this only when a single sequence does not
+  fit; other verbs raise it at once. The op may have half-applied, so the runner discards the
+  run's in-memory state, frees what other runs and cached models hold (`TorchEngine.free_memory`),
+  rebuilds the run and retries the op once.
 - `DeviceFatal`: a sticky device error (illegal memory access, ECC...). The CUDA context is unusable;
   the runner commits nothing for the op and the process exits (status 3) for its supervisor to
   restart it, while other workers take its runs.
@@ -40,6 +42,14 @@ class DeviceFatal(Exception):
 _FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "NCCL error")
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA and other accelerators), or the CPU allocator's plain
+    RuntimeError."""
+    if isinstance(exc, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is the same class
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 def translate_device_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Map torch's device exceptions to ours at the engine boundary, so callers need no torch."""
 
@@ -49,11 +59,8 @@ def translate_device_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except (OpInputError, OutOfMemory, DeviceFatal):
             raise
-        except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is the same class
-            raise OutOfMemory(str(exc)) from exc
-        except RuntimeError as exc:
-            # The CPU allocator reports exhaustion as a plain RuntimeError.
-            if "can't allocate memory" in str(exc):
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
+            if is_out_of_memory(exc):
                 raise OutOfMemory(str(exc)) from exc
             if any(marker in str(exc) for marker in _FATAL_MARKERS):
                 raise DeviceFatal(str(exc)) from exc

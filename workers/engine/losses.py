@@ -1,4 +1,4 @@
-"""forward_backward: input validation, micro-batching, and the loss loop.
+"""forward_backward: input validation and the loss of each micro-batch (microbatch.py splits the op).
 
 Conventions (tinker-protocol.md §6.3): position i of `tokens` predicts `target_tokens[i]`; every loss
 is *summed* over every token of every datum (not averaged), so splitting a batch across calls and
@@ -28,9 +28,7 @@ from app.domain.tensors import Array
 from workers.engine import rl_losses
 from workers.engine.errors import OpInputError
 from workers.engine.logits import decoder_hidden, target_logprobs
-
-# Padded tokens per micro-batch: bounds activation memory whatever the request's batch size.
-MICRO_BATCH_TOKENS = 8192
+from workers.engine.microbatch import MicroBatcher
 
 # Array data is little-endian whatever the host's byte order (app/domain/tensors.py).
 _WIRE_DTYPE: dict[str, np.dtype] = {"int64": np.dtype("<i8"), "float32": np.dtype("<f4")}
@@ -131,107 +129,95 @@ def _bad(values: np.ndarray, vocab_size: int) -> int:
     return int(values[(values < 0) | (values >= vocab_size)][0])
 
 
-def _micro_batches(data: list[PreparedDatum]) -> list[list[int]]:
-    """Consecutive datums grouped so each group's padded size stays under MICRO_BATCH_TOKENS."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i, datum in enumerate(data):
-        n = datum.tokens.shape[0]
-        if current and max(longest, n) * (len(current) + 1) > MICRO_BATCH_TOKENS:
-            groups.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        groups.append(current)
-    return groups
-
-
-def run_loss(model: PreTrainedModel, batch: PreparedBatch, forward_only: bool) -> ForwardBackwardResult:
+def run_loss(
+    model: PreTrainedModel, batch: PreparedBatch, forward_only: bool, batcher: MicroBatcher
+) -> ForwardBackwardResult:
     """Forward (and, unless forward_only, backward into .grad, accumulating) over all datums.
 
-    The caller has activated the run's adapter. Datums are right-padded into micro-batches; with
-    causal attention the padding is invisible to real positions, and the mask keeps it that way for
-    any model. Each micro-batch is backpropagated as soon as it is computed, to free its activations.
+    The caller has activated the run's adapter. `batcher` splits the datums into micro-batches
+    (microbatch.py: by a token budget, longest first, retried smaller after an out-of-memory
+    error); each is backpropagated as soon as it is computed, to free its activations. Results are
+    kept per datum and reduced in the op's datum order, so they do not depend on the split beyond
+    the float rounding of the model's own arithmetic.
 
     A non-finite loss (an importance ratio that overflows, say) fails the op with OpInputError
     before its backward pass, and the gradients of earlier micro-batches are rolled back: the run's
     state is as before the op. With forward_only the values are reported as they are.
     """
     data = batch.data
-    objective = rl_losses.OBJECTIVES[batch.loss_fn]
-    extra_metrics = rl_losses.EXTRA_METRICS[batch.loss_fn]
-    device = next(model.parameters()).device
-    groups = _micro_batches(data)
-    rollback = _GradRollback(model, enabled=not forward_only and len(groups) > 1)
     outputs: list[torch.Tensor | None] = [None] * len(data)
-    total = 0.0
-    sums = {"ratio_mean": 0.0, "clip_fraction": 0.0}
-    with torch.set_grad_enabled(not forward_only):
-        for group in groups:
-            lengths = [data[i].tokens.shape[0] for i in group]
-            width = max(lengths)
-            ids = torch.zeros(len(group), width, dtype=torch.int64)
-            mask = torch.zeros(len(group), width, dtype=torch.int64)
-            for row, i in enumerate(group):
-                ids[row, : lengths[row]] = data[i].tokens
-                mask[row, : lengths[row]] = 1
-            hidden = decoder_hidden(model, ids.to(device), mask.to(device))
-            valid = mask.to(device).bool()
-            targets = torch.cat([data[i].targets for i in group]).to(device)
-            # Boolean indexing walks rows in order, so the flat tokens are datum after datum.
-            logprobs = target_logprobs(model, hidden[valid], targets)
-            terms = objective(
-                rl_losses.Batch(
-                    logprobs=logprobs,
-                    inputs={
-                        name: torch.cat([data[i].inputs[name] for i in group]).to(device)
-                        for name in data[group[0]].inputs
-                    },
-                    segment=torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths)).to(device),
-                    datums=len(group),
-                    config=batch.config,
-                )
-            )
-            loss = terms.token_loss.sum()
-            value = float(loss.detach())
-            if not forward_only:
-                if not math.isfinite(value):
-                    rollback.restore()
-                    raise OpInputError(_non_finite_message(batch.loss_fn, terms.token_loss, group, lengths))
-                loss.backward()
-            total += value
-            for name, per_datum in (("ratio_mean", terms.ratio_mean), ("clip_fraction", terms.clip_fraction)):
-                if per_datum is not None:
-                    sums[name] += float(per_datum.sum())
-            for i, piece in zip(group, logprobs.detach().split(lengths), strict=True):
-                outputs[i] = piece.to("cpu", torch.float32)
-    metrics = {"loss:sum": total}
-    for key in extra_metrics:
+    losses = [0.0] * len(data)
+    stats: dict[str, list[float]] = {"ratio_mean": [0.0] * len(data), "clip_fraction": [0.0] * len(data)}
+
+    def step(group: list[int]) -> None:
+        _micro_batch(model, batch, group, forward_only, outputs, losses, stats)
+
+    batcher.run([d.tokens.shape[0] for d in data], step, forward_only)
+    metrics = {"loss:sum": _sum(losses)}
+    for key in rl_losses.EXTRA_METRICS[batch.loss_fn]:
         # Means over datums, so the SDK's datum-weighted merge of chunked requests stays exact.
-        metrics[key] = sums[key.split(":")[0]] / len(data)
+        metrics[key] = _sum(stats[key.split(":")[0]]) / len(data)
     return ForwardBackwardResult(
         outputs=tuple({"logprobs": _to_array(lp)} for lp in outputs if lp is not None),
         metrics=metrics,
     )
 
 
-# engine.py still calls it by its old name; it runs every loss.
+def _micro_batch(
+    model: PreTrainedModel,
+    batch: PreparedBatch,
+    group: list[int],
+    forward_only: bool,
+    outputs: list[torch.Tensor | None],
+    losses: list[float],
+    stats: dict[str, list[float]],
+) -> None:
+    """One micro-batch: datums right-padded into rows; with causal attention the padding is
+    invisible to real positions, and the mask keeps it that way for any model. Writes the datums'
+    logprobs, loss and ratio statistics at their indices."""
+    data = batch.data
+    device = next(model.parameters()).device
+    lengths = [data[i].tokens.shape[0] for i in group]
+    width = max(lengths)
+    ids = torch.zeros(len(group), width, dtype=torch.int64)
+    mask = torch.zeros(len(group), width, dtype=torch.int64)
+    for row, i in enumerate(group):
+        ids[row, : lengths[row]] = data[i].tokens
+        mask[row, : lengths[row]] = 1
+    hidden = decoder_hidden(model, ids.to(device), mask.to(device))
+    valid = mask.to(device).bool()
+    targets = torch.cat([data[i].targets for i in group]).to(device)
+    # Boolean indexing walks rows in order, so the flat tokens are datum after datum.
+    logprobs = target_logprobs(model, hidden[valid], targets)
+    terms = rl_losses.OBJECTIVES[batch.loss_fn](
+        rl_losses.Batch(
+            logprobs=logprobs,
+            inputs={
+                name: torch.cat([data[i].inputs[name] for i in group]).to(device) for name in data[group[0]].inputs
+            },
+            segment=torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths)).to(device),
+            datums=len(group),
+            config=batch.config,
+        )
+    )
+    loss = terms.token_loss.sum()
+    if not forward_only:
+        if not math.isfinite(float(loss.detach())):
+            raise OpInputError(_non_finite_message(batch.loss_fn, terms.token_loss, group, lengths))
+        loss.backward()
+    per_datum = terms.token_loss.detach().split(lengths)
+    for i, piece, token_loss in zip(group, logprobs.detach().split(lengths), per_datum, strict=True):
+        outputs[i] = piece.to("cpu", torch.float32)
+        losses[i] = float(token_loss.sum())
+    for name, values in (("ratio_mean", terms.ratio_mean), ("clip_fraction", terms.clip_fraction)):
+        if values is not None:
+            for i, value in zip(group, values.tolist(), strict=True):
+                stats[name][i] = value
 
 
-class _GradRollback:
-    """Copies of the trainable parameters' .grad, taken only if a later micro-batch might fail
-    after an earlier one was backpropagated. After optim_step the gradients are None, so the copy
-    is usually free."""
-
-    def __init__(self, model: PreTrainedModel, enabled: bool) -> None:
-        self._params = [p for p in model.parameters() if p.requires_grad] if enabled else []
-        self._saved = [None if p.grad is None else p.grad.detach().clone() for p in self._params]
-
-    def restore(self) -> None:
-        for param, grad in zip(self._params, self._saved, strict=True):
-            param.grad = grad
+def _sum(values: list[float]) -> float:
+    """Exactly rounded, so the total does not depend on the order the micro-batches ran in."""
+    return math.fsum(values) if all(math.isfinite(v) for v in values) else sum(values)
 
 
 def _non_finite_message(loss_fn: str, token_loss: torch.Tensor, group: list[int], lengths: list[int]) -> str:

@@ -1,0 +1,31 @@
+"""EngineConfig: the engine's settings as plain values (built by workers/__main__.py from Settings),
+so the engine never reads app.config or the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+CheckpointingPolicy = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """micro_batch_tokens: padded tokens (rows x longest row) per micro-batch of a forward_backward;
+    None is "auto": on CUDA derived from free device memory and the model's activation size per
+    token, on CPU a fixed CPU_MICRO_BATCH_TOKENS (microbatch.py). A smaller budget is learned after
+    an out-of-memory error either way.
+
+    activation_checkpointing: "auto" recomputes each decoder layer's activations in backward only
+    on CUDA, and only when the budget without it would be tiny (below the op's longest sequence or
+    MIN_USEFUL_TOKENS); "on" / "off" force it.
+    """
+
+    micro_batch_tokens: int | None = None
+    activation_checkpointing: CheckpointingPolicy = "auto"
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1 or auto, got {self.micro_batch_tokens}")
+        if self.activation_checkpointing not in ("auto", "on", "off"):
+            raise ValueError(f"activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}")
