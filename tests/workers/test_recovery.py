@@ -138,7 +138,12 @@ def test_takeover_rebuilds_bitwise_from_snapshot_and_replay(migrated: str, tmp_p
     b = runner_for(settings, db, engine_cache, "b")
     drain(b, db, run_id, len(ops))
     b.stop.set()
-    assert b.states.rebuilds == 1 and b.states.replayed == 1  # snapshot at 8 + replay of seq 9
+    # Snapshot at 8 + replay of seq 9. On a loaded machine B's own 1 s lease can lapse mid-drain and
+    # be taken again (epoch + 1), which correctly costs one more rebuild (CI saw 2): the state must
+    # still come out bitwise equal, checked below.
+    assert b.states.rebuilds >= 1 and b.states.replayed >= 1
+    if b.states.rebuilds == 1:
+        assert b.states.replayed == 1
     assert b.states.divergences == 0
     assert b.engine.state_digest(run_id) == ref_digest  # type: ignore[attr-defined]
     # Every client-visible result equals the fault-free run's.
