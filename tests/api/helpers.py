@@ -4,6 +4,7 @@ produce exactly what the tinker SDK puts on the wire."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 
 import httpx
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from tinker import types
 from tinker.proto import tinker_public_pb2 as sdk_pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
@@ -21,9 +22,10 @@ from app.api.main import create_app
 from app.checkpoint_store import new_storage_path
 from app.config import DEV_API_KEY, Settings, load_settings
 from app.db import migrate
-from app.db.engine import Database
-from app.db.models import Op, Run
+from app.db.engine import Database, db_now
+from app.db.models import Op, Run, Singleton
 from app.queue import checkpoints
+from app.queue.sweeper import hold_singleton
 
 BASE_MODEL = "tuft/tiny-qwen3"
 VOCAB = 151_936
@@ -285,3 +287,22 @@ def record_checkpoint(
         )
     segment = "weights" if kind == "training" else "sampler_weights"
     return f"tinker://{model_id}/{segment}/{name}"
+
+
+@contextmanager
+def sweeper_held(api: Api) -> Iterator[None]:
+    """Keep the app's own sweeper thread idle (it sweeps every 2 s and would delete an expired
+    checkpoint in the middle of a test about what happens before the sweep): take its singleton
+    lease the way a second API process would, and hand it back afterwards."""
+    deadline = time.monotonic() + 30
+    while True:
+        with api.db.write() as s:
+            if hold_singleton(s, "sweeper", "test-hold", ttl=120):
+                break
+        assert time.monotonic() < deadline, "the app's sweeper kept its lease"
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with api.db.write() as s:
+            s.execute(update(Singleton).where(Singleton.name == "sweeper").values(expires_at=db_now(s) - 1))

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +21,10 @@ from tinker import types
 
 from app.checkpoint_store import new_storage_path
 from app.db.engine import db_now
-from app.db.models import Checkpoint, Run, Session, Singleton
+from app.db.models import Checkpoint, Run, Session
 from app.queue import checkpoints
 from app.queue.checkpoints import MAX_TTL_SECONDS
-from app.queue.sweeper import hold_singleton, sweep
+from app.queue.sweeper import sweep
 from app.sweeper import remove_checkpoint_files
 from tests.api.helpers import BASE_MODEL, KEY_A, KEY_B, TENANT_B, Api, assert_error, fb_body
 
@@ -132,25 +130,6 @@ def expire_now(api: Api, path: str) -> None:
         s.execute(update(Checkpoint).where(Checkpoint.id == target.id).values(expires_at=db_now(s) - 1))
 
 
-@contextmanager
-def sweeper_held(api: Api) -> Iterator[None]:
-    """Keep the app's own sweeper thread idle (it sweeps every 2 s and would delete an expired
-    checkpoint in the middle of a test about what happens before the sweep): take its singleton
-    lease the way a second API process would, and hand it back afterwards."""
-    deadline = time.monotonic() + 30
-    while True:
-        with api.db.write() as s:
-            if hold_singleton(s, "sweeper", "test-hold", ttl=120):
-                break
-        assert time.monotonic() < deadline, "the app's sweeper kept its lease"
-        time.sleep(0.2)
-    try:
-        yield
-    finally:
-        with api.db.write() as s:
-            s.execute(update(Singleton).where(Singleton.name == "sweeper").values(expires_at=db_now(s) - 1))
-
-
 def same_404(foreign: httpx.Response, unknown: httpx.Response, foreign_id: str, unknown_id: str) -> None:
     """Another tenant's checkpoint answers exactly as one that does not exist."""
     f = assert_error(foreign, 404, error="not_found")
@@ -237,35 +216,6 @@ def test_ttl_of_a_missing_checkpoint(api: Api) -> None:
 
 
 # Expiry
-
-
-def test_expired_checkpoint_is_invisible_before_the_sweep(api: Api) -> None:
-    with sweeper_held(api):
-        _expired_checkpoint_is_invisible(api)
-
-
-def _expired_checkpoint_is_invisible(api: Api) -> None:
-    model = api.model()
-    keep = make(api, model, "keep")
-    gone = make(api, model, "gone")
-    make(api, model, "gone-sampler", kind="sampler")
-    sampler_gone = f"tinker://{model}/sampler_weights/gone-sampler"
-    expire_now(api, gone)
-    expire_now(api, sampler_gone)
-    listing = listed(api, keep)
-    assert [c["tinker_path"] for c in listing["checkpoints"]] == [keep]
-    assert listing["cursor"]["total_count"] == 1
-    mine = {c["tinker_path"] for c in api.get("/api/v1/checkpoints?limit=1000").json()["checkpoints"]}
-    assert keep in mine and gone not in mine and sampler_gone not in mine
-    run = types.TrainingRun.model_validate(api.get(f"/api/v1/training_runs/{model}").json())
-    assert run.last_checkpoint is not None and run.last_checkpoint.tinker_path == keep
-    assert run.last_sampler_checkpoint is None
-    # Unusable for reading and for changes alike (a TTL must not bring it back).
-    assert_error(api.post("/api/v1/weights_info", {"tinker_path": gone}), 404, contains="expired")
-    assert_error(set_ttl(api, gone, 3600), 404, contains="expired")
-    assert_error(call(api, "POST", url(gone, "/publish")), 404, contains="expired")
-    assert_error(call(api, "DELETE", url(gone)), 404, contains="expired")
-    assert_error(copy(api, gone), 404, contains="expired")
 
 
 def test_an_expired_name_can_be_saved_again(api: Api) -> None:
