@@ -73,6 +73,11 @@ class Settings(BaseModel):
     heartbeat_seconds: float = 2.0
     # Worker poll tick: the whole wake-up mechanism in embedded mode, a safety net with Redis.
     worker_poll_seconds: float = 0.1
+    # `tuft launch` kills and restarts its worker once the worker's heartbeat is this old (None:
+    # lease_ttl_seconds; 0: never). A worker that cannot beat has lost its leases anyway, and with
+    # SQLite one paused inside a write transaction holds the database's only write lock: nothing
+    # else could ever commit until it resumes (app/cli/serve.py).
+    worker_watchdog_seconds: float | None = Field(None, ge=0)
 
     # Recovery snapshots (docs/reliability.md): after an optim_step, once this many ops or seconds
     # have passed since the last one. Replay after a crash is bounded by the interval; each

@@ -11,8 +11,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.config import ConfigError, Settings, check_exposure, settings_env
 from app.db import migrate
+from app.db.engine import Database, db_now
+from app.queue import leases
 
 log = logging.getLogger("tuft")
 
@@ -68,13 +72,23 @@ def serve_api(settings: Settings, *, run_migrations: bool = False) -> int:
 
 class WorkerSupervisor(threading.Thread):
     """Keeps `launch`'s worker process alive: a crashed worker is restarted (its runs are rebuilt
-    from the database by the new process), with a backoff so a broken setup does not spin."""
+    from the database by the new process), with a backoff so a broken setup does not spin.
+
+    It is also a watchdog: a worker whose heartbeat is `worker_watchdog_seconds` old is hung or
+    paused (SIGSTOP, a frozen VM) and is killed, then restarted like a crashed one. Embedded mode has
+    no second worker to take its runs over, and with SQLite a worker paused inside a write
+    transaction holds the database's only write lock: without the kill, no op, sweep or API write
+    could commit until it resumed. The heartbeat is read on the read engine (WAL readers never wait
+    for the writer)."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(name="tuft-worker-supervisor", daemon=True)
         self.settings = settings
         self.stopping = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
+        watchdog = settings.worker_watchdog_seconds
+        self.watchdog_seconds = settings.lease_ttl_seconds if watchdog is None else watchdog
+        self._db: Database | None = None
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # The worker arranges to be signalled if this process dies, even by kill -9 (an orphaned
@@ -83,12 +97,52 @@ class WorkerSupervisor(threading.Thread):
         env = {**os.environ, **settings_env(self.settings), "TUFT_DIE_WITH_PARENT": str(os.getpid())}
         return subprocess.Popen([sys.executable, "-m", "workers"], env=env)
 
+    def _database(self) -> Database:
+        if self._db is None:
+            self._db = Database(self.settings.resolved_database_url(), "launch-watchdog")
+        return self._db
+
+    def _db_clock(self) -> float:
+        try:
+            with self._database().read() as s:
+                return db_now(s)
+        except SQLAlchemyError:
+            return time.time()
+
+    def _heartbeat_age(self, pid: int, spawned_at: float) -> float | None:
+        try:
+            with self._database().read() as s:
+                return leases.heartbeat_age(s, pid, spawned_at - 1.0)
+        except SQLAlchemyError:
+            return None  # the database is down: that is not the worker's fault
+
+    def _wait(self, proc: subprocess.Popen[bytes], spawned_at: float) -> int:
+        """Wait for the worker to exit; kill it once its heartbeat is older than the watchdog."""
+        tick = min(1.0, max(0.1, self.watchdog_seconds / 4))
+        while True:
+            try:
+                return proc.wait(timeout=tick)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stopping.is_set() or self.watchdog_seconds <= 0:
+                continue
+            age = self._heartbeat_age(proc.pid, spawned_at)
+            if age is not None and age > self.watchdog_seconds:
+                log.error(
+                    "WATCHDOG worker %d has not heartbeat for %.1fs (worker_watchdog_seconds %.1f): killing it",
+                    proc.pid,
+                    age,
+                    self.watchdog_seconds,
+                )
+                proc.kill()  # SIGKILL also ends a stopped process; its locks go with it
+
     def run(self) -> None:
         backoff = 1.0
         while not self.stopping.is_set():
             started = time.monotonic()
+            spawned_at = self._db_clock()
             self.proc = self._spawn()
-            code = self.proc.wait()
+            code = self._wait(self.proc, spawned_at)
             if self.stopping.is_set():
                 return
             if time.monotonic() - started > 60:

@@ -42,6 +42,18 @@ def register_worker(s: DbSession, *, worker_id: str, host: str, device: str, que
     s.flush()
 
 
+def heartbeat_age(s: DbSession, pid: int, started_after: float) -> float | None:
+    """Seconds since the last heartbeat of the worker process `pid` registered after
+    `started_after` (a database-clock time), or None while it has not registered."""
+    row = s.execute(
+        select(Worker.heartbeat_at)
+        .where(Worker.pid == pid, Worker.started_at >= started_after)
+        .order_by(Worker.started_at.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else db_now(s) - row.heartbeat_at
+
+
 def heartbeat(s: DbSession, worker_id: str, ttl: float) -> list[Lease]:
     """Renew the worker row and every lease it holds; return the leases still held.
 

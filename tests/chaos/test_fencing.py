@@ -97,8 +97,13 @@ def test_poison_op_fails_after_max_attempts_and_the_run_goes_on(
     assert all(op["status"] == "succeeded" for s, op in ops.items() if s != 6)
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 def test_a_paused_worker_that_resumes_is_listed_live_again(chaos: Callable[..., Cluster]) -> None:
-    c = chaos("embedded").start()
+    """A deployment (PostgreSQL): the sweeper declares a paused worker dead, and the worker that
+    resumes heartbeats and is listed live again. (Embedded mode kills a paused worker instead:
+    see the watchdog test below.)"""
+    c = chaos("distributed").start()
     worker = c.worker_pid()
     c.kill(worker, signal.SIGSTOP)
     try:
@@ -119,3 +124,48 @@ def test_a_paused_worker_that_resumes_is_listed_live_again(chaos: Callable[..., 
     # ...so the operator's view must say it is alive.
     listed = {w["pid"]: w for w in c.cli("workers", "list")}
     assert listed[worker]["state"] == "live", listed[worker]
+
+
+def test_embedded_worker_paused_inside_a_write_transaction_is_replaced(
+    chaos: Callable[..., Cluster], references: Callable[[str], Reference]
+) -> None:
+    """Embedded mode (SQLite): the worker stops inside its heartbeat's write transaction, holding
+    the database's only write lock. Nothing could commit (not its ops, not the sweeper, not the
+    API) until it resumed; there is no other worker to take over. `tuft launch`'s watchdog kills it
+    once its heartbeat is older than the lease TTL (2 s here) and starts a new one, which rebuilds
+    the run and goes on; the run ends bitwise equal to the fault-free one."""
+    reference = references("embedded")
+    point = "heartbeat_in_transaction:stop:6"  # ~2 s into the run, the run's lease held
+    c = chaos("embedded").start(fault=point)
+    first = c.worker_pid()
+    driver = Driver(c.url, ITERATIONS, hold_last=True)
+    driver.start()
+    run_id = driver.wait_created()
+    wait_for(lambda: proc_state(first) == "T", 120, f"the worker to stop at {point}", 0.02, c.logs)
+    stopped_at = time.monotonic()
+    before = c.applied_seq(run_id)
+    driver.release()
+    try:
+        wait_for(lambda: c.applied_seq(run_id) > before, 60, "a new worker to commit the run's next op", 0.05, c.logs)
+        recovery = time.monotonic() - stopped_at
+    finally:
+        if proc_state(first) == "T":
+            c.kill(first, signal.SIGCONT)
+    assert c.log_count(r"WATCHDOG worker \d+ has not heartbeat") == 1, c.logs()
+    assert proc_state(first) is None or proc_state(first) == "Z", "the paused worker must have been killed"
+    replacement = c.worker_pid()
+    assert replacement != first
+    print(f"\nRECOVERY embedded {point}: {recovery:.2f} s from SIGSTOP to the new worker's first commit")
+    driver.finish()
+    check(
+        c,
+        driver,
+        reference,
+        "embedded worker paused inside a write transaction",
+        faults=point,
+        recovery_seconds=[round(recovery, 2)],
+    )
+    # What the operator sees: the new worker live, the killed one dead.
+    c.wait_registered(replacement)
+    listed = {w["pid"]: w for w in c.cli("workers", "list")}
+    assert listed[replacement]["state"] == "live", listed
