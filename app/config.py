@@ -74,7 +74,8 @@ class Settings(BaseModel):
     # Worker poll tick: the whole wake-up mechanism in embedded mode, a safety net with Redis.
     worker_poll_seconds: float = 0.1
     # `tuft launch` kills and restarts its worker once the worker's heartbeat is this old (None:
-    # lease_ttl_seconds; 0: never). A worker that cannot beat has lost its leases anyway, and with
+    # twice lease_ttl_seconds, so a heartbeat late on a loaded machine is not taken for a hang;
+    # 0: never). A worker that cannot beat has lost its leases anyway, and with
     # SQLite one paused inside a write transaction holds the database's only write lock: nothing
     # else could ever commit until it resumes (app/cli/serve.py).
     worker_watchdog_seconds: float | None = Field(None, ge=0)

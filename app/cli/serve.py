@@ -87,7 +87,7 @@ class WorkerSupervisor(threading.Thread):
         self.stopping = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
         watchdog = settings.worker_watchdog_seconds
-        self.watchdog_seconds = settings.lease_ttl_seconds if watchdog is None else watchdog
+        self.watchdog_seconds = 2 * settings.lease_ttl_seconds if watchdog is None else watchdog
         self._db: Database | None = None
 
     def _spawn(self) -> subprocess.Popen[bytes]:

@@ -132,7 +132,7 @@ def test_embedded_worker_paused_inside_a_write_transaction_is_replaced(
     """Embedded mode (SQLite): the worker stops inside its heartbeat's write transaction, holding
     the database's only write lock. Nothing could commit (not its ops, not the sweeper, not the
     API) until it resumed; there is no other worker to take over. `tuft launch`'s watchdog kills it
-    once its heartbeat is older than the lease TTL (2 s here) and starts a new one, which rebuilds
+    once its heartbeat is twice the lease TTL old (4 s here) and starts a new one, which rebuilds
     the run and goes on; the run ends bitwise equal to the fault-free one."""
     reference = references("embedded")
     point = "heartbeat_in_transaction:stop:6"  # ~2 s into the run, the run's lease held
