@@ -225,10 +225,13 @@ def test_oom_halves_the_budget_and_gives_the_same_result(
     batcher = one_pass._slots[TINY].batcher
     batcher.caps.clear()
     fake_oom.update(limit=20, seen=0)
+    # Checkpointing off: on a GPU, "auto" would take the tiny learned cap as a sign that only
+    # checkpointing fits and switch to it, whose budget the fake limit knows nothing about.
+    monkeypatch.setattr(batcher, "config", replace(batcher.config, activation_checkpointing="off"))
     if where == "backward":
         # Micro-batches of 22, 18 and 18 tokens; the second fails in its backward, once the first
         # one's gradients and part of its own are in.
-        monkeypatch.setattr(batcher, "config", EngineConfig(micro_batch_tokens=24))
+        monkeypatch.setattr(batcher, "config", EngineConfig(micro_batch_tokens=24, activation_checkpointing="off"))
         fake_oom.update(limit=10, backward_after=2)
     result = one_pass.forward_backward(run, op)
     report = one_pass.micro_batch_report(TINY)

@@ -172,9 +172,13 @@ def _micro_batch(
     losses: list[float],
     stats: dict[str, list[float]],
 ) -> None:
-    """One micro-batch: datums right-padded into rows; with causal attention the padding is
-    invisible to real positions, and the mask keeps it that way for any model. Writes the datums'
-    logprobs, loss and ratio statistics at their indices."""
+    """One micro-batch: datums right-padded into rows. Writes the datums' logprobs, loss and ratio
+    statistics at their indices.
+
+    No attention mask: in a causal decoder a real position attends only to earlier positions, all
+    real, so right padding cannot reach it (position ids are 0.. either way). An explicit mask
+    would also cost speed: SDPA then cannot take its causal flash kernel and falls back to one that
+    reads a [rows, 1, T, T] mask (bench/engine_ablation.py)."""
     data = batch.data
     device = next(model.parameters()).device
     lengths = [data[i].tokens.shape[0] for i in group]
@@ -184,7 +188,7 @@ def _micro_batch(
     for row, i in enumerate(group):
         ids[row, : lengths[row]] = data[i].tokens
         mask[row, : lengths[row]] = 1
-    hidden = decoder_hidden(model, ids.to(device), mask.to(device))
+    hidden = decoder_hidden(model, ids.to(device))
     valid = mask.to(device).bool()
     targets = torch.cat([data[i].targets for i in group]).to(device)
     # Boolean indexing walks rows in order, so the flat tokens are datum after datum.
