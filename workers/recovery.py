@@ -109,7 +109,7 @@ class RunStates:
             self.engine.create_run(run_id, base_model, lora)
         with self.db.read() as s:
             history = s.execute(
-                select(Op.seq, Op.payload, Op.result)
+                select(Op.seq, Op.payload, Op.result, Op.micro_batch_tokens)
                 .where(
                     Op.run_id == run_id,
                     Op.seq > start,
@@ -119,10 +119,11 @@ class RunStates:
                 )
                 .order_by(Op.seq)
             ).all()
-        for seq, payload, stored in history:
+        for seq, payload, stored, split in history:
             fault("replay_op")  # a crash while rebuilding: the next owner rebuilds from scratch again
             try:
-                result = apply_mutation(self.engine, run_id, parse_op(payload), self.resolve_dir)
+                # Split as it first ran: on a GPU the budget came from the free memory of the moment.
+                result = apply_mutation(self.engine, run_id, parse_op(payload), self.resolve_dir, split)
             except Exception:
                 log.exception("replay of %s seq %d failed; the run cannot be rebuilt", run_id, seq)
                 self.discard(run_id)

@@ -27,7 +27,7 @@ from app.db.models import Run, Sampler
 from app.domain import ids
 from app.domain.errors import DomainError
 from app.domain.oai import OaiCompletionOp
-from app.domain.ops import LoadWeightsOp, SampleOp, SaveWeightsOp, parse_op
+from app.domain.ops import ForwardBackwardOp, LoadWeightsOp, SampleOp, SaveWeightsOp, parse_op
 from app.domain.results import LoadWeightsResult, SaveWeightsResult, result_bytes
 from app.queue import checkpoints, claim, commit, handback, leases
 from app.queue.claim import ReadyOp
@@ -274,7 +274,8 @@ class Runner:
                 result, extra = self._execute(op, domain_op)
                 # Between computing a result and committing it: the window fencing exists for.
                 fault(f"after_engine_{op.kind}")
-                return Outcome(result=result_bytes(result)), extra
+                split = self.engine.micro_batch_tokens(op.run_id) if isinstance(domain_op, ForwardBackwardOp) else None
+                return Outcome(result=result_bytes(result), micro_batch_tokens=split), extra
             except self.user_errors as exc:
                 log.info("op %s (%s seq %d) failed on user input: %s", op.request_id, op.run_id, op.seq, exc)
                 return Outcome(error_message=str(exc), error_category="user"), None

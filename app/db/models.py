@@ -147,6 +147,9 @@ class Op(Base):
     # Sampling ops are not under a run lease; a claim expires so a dead worker's sample is retaken.
     claim_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # forward_backward: the micro-batch budget it ran with; a replay after a crash uses the same
+    # split, because the split decides the float rounding of the gradients (docs/reliability.md).
+    micro_batch_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_category: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

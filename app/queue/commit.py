@@ -25,6 +25,8 @@ class Outcome:
     result: bytes | None = None
     error_message: str | None = None
     error_category: str | None = None
+    # forward_backward: the micro-batch budget it ran with, so a replay splits it the same way.
+    micro_batch_tokens: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -68,6 +70,7 @@ def commit_run_op(
             result=outcome.result,
             error_message=outcome.error_message,
             error_category=outcome.error_category,
+            micro_batch_tokens=outcome.micro_batch_tokens,
             finished_at=now,
         )
     )

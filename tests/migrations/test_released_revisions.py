@@ -25,6 +25,7 @@ RELEASED = {
     "2026_12_07_0003_retention_and_sweeper_indexes.py": (
         "262e6575e4407204fc595e882bd4321fe75bc927982683638a68007b756b60c4"
     ),
+    "2026_12_07_0004_op_micro_batch_tokens.py": ("17ec75231ac6234172f72229184c97b1f0799121ef22c0fd22df04711432fbdc"),
 }
 
 

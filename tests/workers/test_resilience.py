@@ -240,8 +240,8 @@ class TightEngine(TorchEngine):
         self.too_big_above = too_big_above
         self.ooms = 0
 
-    def forward_backward(self, run_id: str, op: ForwardBackwardOp) -> Any:
-        result = super().forward_backward(run_id, op)
+    def forward_backward(self, run_id: str, op: ForwardBackwardOp, micro_batch_tokens: int | None = None) -> Any:
+        result = super().forward_backward(run_id, op, micro_batch_tokens)
         if len(self._runs) > 1 or len(op.data) > self.too_big_above:
             self.ooms += 1
             raise OutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB (test)")

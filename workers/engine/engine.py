@@ -61,6 +61,9 @@ class _Run:
     params: dict[str, nn.Parameter]  # by PEFT key, sorted: the optimizer's parameter order
     optimizer: torch.optim.AdamW
     steps: int = 0
+    # The budget the last forward_backward's micro-batches were planned with (recorded with the op
+    # so that a replay splits it the same way: the split decides the float rounding).
+    micro_batch_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -232,14 +235,28 @@ class TorchEngine:
     # -- training -----------------------------------------------------------------------------
 
     @_serialised
-    def forward_backward(self, run_id: str, op: ForwardBackwardOp) -> ForwardBackwardResult:
+    def forward_backward(
+        self, run_id: str, op: ForwardBackwardOp, micro_batch_tokens: int | None = None
+    ) -> ForwardBackwardResult:
         """Per-token logprobs of every datum and the op's loss (docs/losses.md), summed over tokens;
-        unless forward_only, gradients are *added* to the run's .grad (accumulated until optim_step)."""
+        unless forward_only, gradients are *added* to the run's .grad (accumulated until optim_step).
+
+        micro_batch_tokens: plan the micro-batches with this budget instead of the configured or
+        memory-derived one (a replay passes what `micro_batch_tokens(run_id)` said the first time)."""
         run = self._run(run_id)
         slot = self._slot(run.base_model)
         data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
         slot.host.activate(run.adapter, trainable=True)
-        return run_loss(slot.loaded.model, data, op.forward_only, slot.batcher)
+        run.micro_batch_tokens = None
+        result = run_loss(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens)
+        assert slot.batcher.last is not None
+        run.micro_batch_tokens = slot.batcher.last.budget_tokens
+        return result
+
+    @_serialised
+    def micro_batch_tokens(self, run_id: str) -> int | None:
+        """The budget the run's last forward_backward was planned with (None before one)."""
+        return self._run(run_id).micro_batch_tokens
 
     @_serialised
     def micro_batch_report(self, base_model: str) -> Report | None:

@@ -130,7 +130,11 @@ def _bad(values: np.ndarray, vocab_size: int) -> int:
 
 
 def run_loss(
-    model: PreTrainedModel, batch: PreparedBatch, forward_only: bool, batcher: MicroBatcher
+    model: PreTrainedModel,
+    batch: PreparedBatch,
+    forward_only: bool,
+    batcher: MicroBatcher,
+    budget: int | None = None,
 ) -> ForwardBackwardResult:
     """Forward (and, unless forward_only, backward into .grad, accumulating) over all datums.
 
@@ -152,7 +156,7 @@ def run_loss(
     def step(group: list[int]) -> None:
         _micro_batch(model, batch, group, forward_only, outputs, losses, stats)
 
-    batcher.run([d.tokens.shape[0] for d in data], step, forward_only)
+    batcher.run([d.tokens.shape[0] for d in data], step, forward_only, budget)
     metrics = {"loss:sum": _sum(losses)}
     for key in rl_losses.EXTRA_METRICS[batch.loss_fn]:
         # Means over datums, so the SDK's datum-weighted merge of chunked requests stays exact.

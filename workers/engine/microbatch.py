@@ -100,14 +100,24 @@ class MicroBatcher:
     caps: dict[str, int] = field(default_factory=dict)
     last: Report | None = None
 
-    def run(self, lengths: Sequence[int], step: Callable[[list[int]], None], forward_only: bool) -> Report:
+    def run(
+        self,
+        lengths: Sequence[int],
+        step: Callable[[list[int]], None],
+        forward_only: bool,
+        budget: int | None = None,
+    ) -> Report:
         """Call `step(group)` for every micro-batch; `step` writes its outputs by datum index and,
         unless forward_only, backpropagates. On an OOM the op's gradients are dropped and the whole
         op runs again under half the budget (so its result is that of a clean run at that budget);
         a single sequence that does not fit raises OutOfMemory. Any other error leaves the
-        gradients as they were before the op."""
+        gradients as they were before the op.
+
+        `budget` forces the first attempt's budget (a replay reproducing an op's split); None
+        derives it from the configuration, the device's memory and what worked before."""
         checkpointing = self._checkpointing(lengths, forward_only)
-        budget = self._budget(forward_only, checkpointing)
+        if budget is None:
+            budget = self._budget(forward_only, checkpointing)
         retries = 0
         halved = False
         params = [] if forward_only else [p for p in self.model.parameters() if p.requires_grad]
