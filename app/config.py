@@ -146,6 +146,10 @@ class Settings(BaseModel):
     # Recompute decoder layers' activations in backward: "auto" = on CUDA, only when micro-batches
     # would otherwise be tiny; "on" / "off" force it.
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"
+    # Fused GPU kernels for the decoder (workers/engine/kernels.py): "auto" = Liger-Kernel's
+    # RMSNorm/SwiGLU/RoPE on CUDA when liger-kernel is installed (`pip install 'tuft[gpu]'`) and
+    # knows the model type; "liger" requires it; "torch" = the model's own modules.
+    engine_kernels: Literal["auto", "liger", "torch"] = "auto"
 
     # Checkpoint downloads (docs/downloads.md): signed, time-limited links served without the API
     # key. Every API process must sign with the same key; unset, one is generated once and kept in

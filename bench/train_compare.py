@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.domain.models import ModelSpec
 from app.domain.ops import Datum, ForwardBackwardOp, LoraConfig
 from app.domain.tensors import Array
-from workers.engine import TorchEngine, build_tiny_tokenizer
+from workers.engine import EngineConfig, TorchEngine, build_tiny_tokenizer
 from workers.engine.errors import OutOfMemory
 
 # The naive loop raises torch's error; the engine translates it into its own at its boundary.
@@ -152,7 +152,7 @@ def engine_op(n: int, seq: int, seed: int = 0) -> ForwardBackwardOp:
     return ForwardBackwardOp(data=data, loss_fn="cross_entropy")
 
 
-def make_engine(shape: str, work: Path, rank: int) -> TorchEngine:
+def make_engine(shape: str, work: Path, rank: int, config: EngineConfig | None = None) -> TorchEngine:
     folder = work / shape
     if not folder.exists():
         model = build_model(shape)
@@ -161,7 +161,7 @@ def make_engine(shape: str, work: Path, rank: int) -> TorchEngine:
         del model
         clear()
     spec = ModelSpec(model_name=shape, model_path=str(folder), max_model_len=65536)
-    engine = TorchEngine([spec], device="cuda", cache_dir=work / "cache")
+    engine = TorchEngine([spec], device="cuda", cache_dir=work / "cache", config=config)
     engine.create_run("bench", shape, LoraConfig(rank=rank, seed=0))
     return engine
 

@@ -68,6 +68,7 @@ def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(
         micro_batch_tokens=None if tokens == "auto" else tokens,
         activation_checkpointing=settings.activation_checkpointing,
+        kernels=settings.engine_kernels,
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 CheckpointingPolicy = Literal["auto", "on", "off"]
+KernelPolicy = Literal["auto", "liger", "torch"]
 
 
 @dataclass(frozen=True)
@@ -19,13 +20,20 @@ class EngineConfig:
     activation_checkpointing: "auto" recomputes each decoder layer's activations in backward only
     on CUDA, and only when the budget without it would be tiny (below the op's longest sequence or
     MIN_USEFUL_TOKENS); "on" / "off" force it.
+
+    kernels: "auto" patches Liger-Kernel's fused RMSNorm / SwiGLU / RoPE into a model loaded on
+    CUDA when the package is installed and knows the model type (kernels.py); "liger" requires it;
+    "torch" keeps the model's own modules.
     """
 
     micro_batch_tokens: int | None = None
     activation_checkpointing: CheckpointingPolicy = "auto"
+    kernels: KernelPolicy = "auto"
 
     def __post_init__(self) -> None:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens must be >= 1 or auto, got {self.micro_batch_tokens}")
         if self.activation_checkpointing not in ("auto", "on", "off"):
             raise ValueError(f"activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}")
+        if self.kernels not in ("auto", "liger", "torch"):
+            raise ValueError(f"kernels must be auto, liger or torch, got {self.kernels!r}")

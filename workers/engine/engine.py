@@ -30,6 +30,7 @@ from workers.engine.base_models import LoadedModel, config_vocab_size, load_base
 from workers.engine.config import EngineConfig
 from workers.engine.determinism import configure_determinism
 from workers.engine.errors import OpInputError, translate_device_errors
+from workers.engine.kernels import apply_fused_kernels
 from workers.engine.losses import prepare_data, run_loss
 from workers.engine.microbatch import MicroBatcher, Report
 from workers.engine.optim import adam_step, new_optimizer, validate_adam
@@ -135,6 +136,7 @@ class TorchEngine:
         if slot is None:
             configure_determinism(self._device)
             loaded = load_base_model(spec, self._device, self._dtype, self._cache_dir)
+            apply_fused_kernels(loaded.model, self._device, self._config.kernels)
             slot = _Slot(
                 loaded=loaded,
                 host=AdapterHost(loaded.model),
