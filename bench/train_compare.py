@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -152,12 +152,18 @@ def engine_op(n: int, seq: int, seed: int = 0) -> ForwardBackwardOp:
     return ForwardBackwardOp(data=data, loss_fn="cross_entropy")
 
 
+def save_model_folder(model: PreTrainedModel, folder: Path, cache: Path) -> None:
+    """A folder that a `supported_models` entry (or a ModelSpec) can point at: the weights, their
+    config and the real Qwen BPE tokenizer (built offline)."""
+    model.save_pretrained(folder)
+    build_tiny_tokenizer(cache).save_pretrained(folder)
+
+
 def make_engine(shape: str, work: Path, rank: int, config: EngineConfig | None = None) -> TorchEngine:
     folder = work / shape
     if not folder.exists():
         model = build_model(shape)
-        model.save_pretrained(folder)
-        build_tiny_tokenizer(work / "cache").save_pretrained(folder)
+        save_model_folder(model, folder, work / "cache")
         del model
         clear()
     spec = ModelSpec(model_name=shape, model_path=str(folder), max_model_len=65536)
