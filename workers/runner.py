@@ -461,11 +461,16 @@ class Runner:
 
     # ---- sampling --------------------------------------------------------------------------
     def _sample_once(self) -> bool:
-        # Abandoned samples (a worker died mid-sample) are requeued by the sweeper.
+        # Abandoned samples (a worker died mid-sample) are requeued by the sweeper; one that ended
+        # its worker max_op_attempts times is failed instead of run (claim.fail_poison_samples).
+        limit = self.settings.max_op_attempts
         with self.db.write() as s:
-            claimed = claim.claim_sample(s, self.worker_id, self.settings.lease_ttl_seconds)
+            poisoned = claim.fail_poison_samples(s, limit)
+            claimed = claim.claim_sample(s, self.worker_id, self.settings.lease_ttl_seconds, max_attempts=limit)
+        for poison in poisoned:  # logged once committed: a rolled-back transaction failed nothing
+            log.error("ALERT poison sample %s (tenant %s): %s", poison.request_id, poison.tenant, poison.message)
         if claimed is None:
-            return False
+            return bool(poisoned)
         outcome = self._sample_outcome(claimed)
         if outcome is None:
             # An outage mid-sample: back to the queue, for us or any worker, once it is over.

@@ -2,7 +2,8 @@
 
 Training ops run strictly in seq order: only the op whose seq equals its run's next_seq is ready,
 so a gap (a later chunk that arrived first) simply waits. Sampling ops are independent and go to
-whichever worker claims them first, taken fairly between tenants (claim_sample).
+whichever worker claims them first, taken fairly between tenants (claim_sample); one that has
+ended its worker on every claim up to max_op_attempts is failed instead (fail_poison_samples).
 """
 
 from __future__ import annotations
@@ -79,7 +80,70 @@ class ClaimedSample:
 _last_served: dict[str, str] = {}
 
 
-def claim_sample(s: DbSession, worker_id: str, claim_ttl: float) -> ClaimedSample | None:
+@dataclass(frozen=True)
+class PoisonSample:
+    """A sample failed by fail_poison_samples (the caller logs it once the transaction commits)."""
+
+    request_id: str
+    tenant: str
+    attempts: int
+    message: str
+
+
+def poison_sample_message(attempts: int) -> str:
+    return (
+        f"this sample was attempted {attempts} times and each attempt ended its worker; it is failed "
+        "so that it cannot take down more workers (see docs/reliability.md)"
+    )
+
+
+def fail_poison_samples(s: DbSession, max_attempts: int) -> list[PoisonSample]:
+    """Fail (category server) every queued sample already claimed `max_attempts` times.
+
+    A queued sample's `attempt` counts exactly the claims that ended without an outcome: a commit
+    makes it terminal and a hand-back after an outage undoes its count (handback.py), so each one
+    left ended with its worker (killed, or hung past its claim). Run again, it would most likely
+    take down one more worker, and with it every tenant's sampling and training on that worker.
+
+    Decided here, at claim time, by the worker that would otherwise take the sample next, rather
+    than in the sweeper's requeue: it is the moment a training op's poison limit is applied too
+    (workers/runner.py, _fail_poison); it holds whatever way a sample got back to the queue (the
+    sweeper's requeue of a lapsed claim, or leases.release_all by a worker exiting after a sticky
+    device error, which the sweeper never sees); and the worker already has the limit in its
+    settings, which the sweeper's steps are not given. It costs one query on the (kind, status)
+    index per claim, over the pending samples (bounded by backpressure), and it touches no other
+    sample, so the fair order of claim_sample is unchanged. SKIP LOCKED: a row another worker is
+    failing right now is that worker's job."""
+    rows = s.execute(
+        select(Op.request_id, Op.tenant, Op.attempt)
+        .where(Op.kind == "sample", Op.status == "queued", Op.attempt >= max_attempts)
+        .order_by(Op.created_at, Op.request_id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    failed: list[PoisonSample] = []
+    now = db_now(s)
+    for request_id, tenant, attempts in rows:
+        message = poison_sample_message(attempts)
+        done = s.execute(
+            update(Op)
+            .where(Op.request_id == request_id, Op.status == "queued")
+            .values(
+                status="failed",
+                error_message=message,
+                error_category="server",
+                finished_at=now,
+                claimed_by=None,
+                claim_expires_at=None,
+            )
+        )
+        if done.rowcount == 1:  # type: ignore[attr-defined]
+            failed.append(PoisonSample(request_id, tenant, attempts, message))
+    return failed
+
+
+def claim_sample(
+    s: DbSession, worker_id: str, claim_ttl: float, *, max_attempts: int | None = None
+) -> ClaimedSample | None:
     """Take the next queued sample, fairly between tenants (docs/sampling.md "Fairness").
 
     Each pending (queued or running) sample gets its turn within its tenant: 1 for the tenant's
@@ -89,7 +153,11 @@ def claim_sample(s: DbSession, worker_id: str, claim_ttl: float) -> ClaimedSampl
     tenant's sample is served within about one sample per other active tenant, however long a heavy
     tenant's backlog is. One query over the pending samples (the (kind, status) index; their number
     is bounded by the backpressure limits). Postgres: SKIP LOCKED lets workers claim side by side;
-    SQLite: BEGIN IMMEDIATE already serialises writers (FOR UPDATE is dropped there)."""
+    SQLite: BEGIN IMMEDIATE already serialises writers (FOR UPDATE is dropped there).
+
+    With `max_attempts`, a sample claimed that many times is never handed out again, even if it
+    went back to the queue after this transaction's fail_poison_samples looked (PostgreSQL: the
+    sweeper's requeue committing in between); the next fail_poison_samples fails it."""
     now = db_now(s)
     pending = (
         select(
@@ -101,10 +169,13 @@ def claim_sample(s: DbSession, worker_id: str, claim_ttl: float) -> ClaimedSampl
     )
     last = _last_served.get(worker_id)
     after_last = case((Op.tenant > last, 0), else_=1) if last is not None else literal(0)
+    ready = [Op.kind == "sample", Op.status == "queued"]
+    if max_attempts is not None:
+        ready.append(Op.attempt < max_attempts)
     row = s.execute(
         select(Op.request_id, Op.sampler_id, Op.payload, Op.tenant)
         .join(pending, pending.c.request_id == Op.request_id)
-        .where(Op.kind == "sample", Op.status == "queued")
+        .where(*ready)
         .order_by(pending.c.turn, after_last, Op.tenant, Op.created_at, Op.request_id)
         .limit(1)
         .with_for_update(of=Op, skip_locked=True)
