@@ -210,13 +210,20 @@ def _micro_batch(
     )
     loss = terms.token_loss.sum()
     if not forward_only:
-        if not math.isfinite(float(loss.detach())):
-            raise OpInputError(_non_finite_message(batch.loss_fn, terms.token_loss, group, lengths))
         loss.backward()
-    per_datum = terms.token_loss.detach().split(lengths)
-    for i, piece, token_loss in zip(group, logprobs.detach().split(lengths), per_datum, strict=True):
-        outputs[i] = piece.to("cpu", torch.float32)
-        losses[i] = float(token_loss.sum())
+    # One device-to-host copy for the whole micro-batch (logprobs, each datum's loss, the total),
+    # read after the backward was queued: reading the loss first made the CPU wait for the forward
+    # before it could launch a single backward kernel, and a copy per datum waited once per datum.
+    datum_losses = torch.stack([piece.sum() for piece in terms.token_loss.detach().split(lengths)])
+    host = torch.cat([logprobs.detach().float(), datum_losses.float(), loss.detach().float().reshape(1)]).cpu()
+    total = float(host[-1])
+    if not forward_only and not math.isfinite(total):
+        # The gradients it added are dropped with the op's (MicroBatcher restores them on any error).
+        raise OpInputError(_non_finite_message(batch.loss_fn, terms.token_loss, group, lengths))
+    flat = len(logprobs)
+    for row, (i, piece) in enumerate(zip(group, host[:flat].split(lengths), strict=True)):
+        outputs[i] = piece
+        losses[i] = float(host[flat + row])
     for name, values in (("ratio_mean", terms.ratio_mean), ("clip_fraction", terms.clip_fraction)):
         if values is not None:
             for i, value in zip(group, values.tolist(), strict=True):
