@@ -83,9 +83,28 @@ def encode_result(result: AnyResult, accept: str | None = None) -> tuple[bytes, 
     return json.dumps(result_to_json(result), separators=(",", ":")).encode(), JSON_MEDIA_TYPE
 
 
-def try_again_body(request_id: str, queue_state: QueueState = "active") -> dict[str, Any]:
-    """Pending: the SDK re-polls at once, so the server should hold the poll first (§3.3, §3.4)."""
-    return {"type": "try_again", "request_id": request_id, "queue_state": queue_state}
+def try_again_body(
+    request_id: str,
+    queue_state: QueueState = "active",
+    reason: str | None = None,
+    *,
+    position: int | None = None,
+    estimate_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Pending: the SDK re-polls at once, so the server should hold the poll first (§3.3, §3.4).
+
+    `queue_state` is one of the SDK's three literals; every SDK from 0.25 to 0.38 logs
+    `queue_state_reason` to the user for the paused ones. The position and estimate are extra
+    keys, which the SDK ignores, sent only when known (docs/architecture.md "Queue state").
+    """
+    body: dict[str, Any] = {"type": "try_again", "request_id": request_id, "queue_state": queue_state}
+    if reason is not None:
+        body["queue_state_reason"] = reason
+    if position is not None:
+        body["queue_position"] = position
+    if estimate_seconds is not None:
+        body["queue_estimate_seconds"] = estimate_seconds
+    return body
 
 
 def failed_future_body(message: str, category: Category) -> dict[str, Any]:

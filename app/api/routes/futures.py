@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -11,14 +13,17 @@ from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, Tenant, body_as
+from app.api.state import AppState
 from app.domain.errors import Category, ResultExpired, ServerError
 from app.domain.results import parse_result
 from app.queue.futures import FutureView, get_future, mark_delivered
+from app.queue.queue_state import ACTIVE, QueueReport, describe_wait
 from app.wire.errors import error_body, http_status_for
 from app.wire.json_models import RetrieveFutureRequest
 from app.wire.responses import encode_result, failed_future_body, try_again_body
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 @router.post("/api/v1/retrieve_future")
@@ -40,7 +45,7 @@ async def retrieve_future(request: Request, state: State, tenant: Tenant) -> Res
     if not view.done:
         view = await state.poller.wait(req.request_id, state.settings.long_poll_seconds)
     if view is None:
-        return JSONResponse(try_again_body(req.request_id))
+        return JSONResponse(await _try_again(state, req.request_id))
     if view.status == "failed":
         category: Category = view.error_category if view.error_category in ("user", "server") else "unknown"  # type: ignore[assignment]
         response: Response = JSONResponse(failed_future_body(view.error_message or "request failed", category))
@@ -61,3 +66,25 @@ async def retrieve_future(request: Request, state: State, tenant: Tenant) -> Res
         with contextlib.suppress(DBAPIError):
             await run_in_threadpool(delivered)
     return response
+
+
+async def _try_again(state: AppState, request_id: str) -> dict[str, Any]:
+    """The try_again reply with the op's real queue state (app/queue/queue_state.py). Read once per
+    hold, after the long poll gave up; if that read fails the reply still goes out, as `active`."""
+
+    def describe() -> QueueReport:
+        with state.db.read() as s:
+            return describe_wait(s, request_id, state.settings.lease_ttl_seconds)
+
+    try:
+        report = await run_in_threadpool(describe)
+    except DBAPIError as exc:
+        log.warning("queue state of %s unavailable: %s", request_id, exc)
+        report = ACTIVE
+    return try_again_body(
+        request_id,
+        report.state,
+        report.reason,
+        position=report.position,
+        estimate_seconds=report.estimate_seconds,
+    )
