@@ -15,6 +15,7 @@ from app.domain.models import ModelSpec, builtin_tiny_spec
 from app.domain.ops import AdamParams, LoraConfig, OptimStepOp
 from tests.engine.helpers import TINY, datum, fb, lora, ref_tol, same_grads
 from workers.engine import OpInputError, TorchEngine, build_tiny_model, read_checkpoint_config
+from workers.engine.checkpoint import PEFT_KEY_MAPPING
 
 SEQS = ([101, 57, 12, 7, 102, 55, 66], [9, 8, 7, 6, 5])
 ADAM = OptimStepOp(adam=AdamParams(learning_rate=5e-3, weight_decay=0.01, grad_clip_norm=10.0))
@@ -44,7 +45,9 @@ def test_saved_adapter_loads_in_plain_peft_with_same_logits(engine: TorchEngine,
     config = json.loads((dest / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 32 and config["peft_type"] == "LORA"
 
-    model = PeftModel.from_pretrained(build_tiny_model(), str(dest))
+    # The file names the unembedding LoRA as Tinker does (model.unembed_tokens); PEFT's own name for
+    # it is lm_head, which the mapping restores (docs/downloads.md).
+    model = PeftModel.from_pretrained(build_tiny_model(), str(dest), key_mapping=PEFT_KEY_MAPPING)
     # PEFT would also copy the (frozen, 9.7M-parameter) base lm_head; our adapters never carry it.
     peft_keys = get_peft_model_state_dict(model, save_embedding_layers=False)
     assert set(peft_keys) == set(engine.adapter_state("ck:peft"))

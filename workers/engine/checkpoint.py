@@ -1,9 +1,20 @@
-"""The on-disk checkpoint format of a run: a standard PEFT adapter folder plus TuFT extras.
+"""The on-disk checkpoint format of a run: Tinker's LoRA adapter folder plus TuFT extras.
 
-    adapter_config.json          PEFT LoraConfig: `PeftModel.from_pretrained(base, folder)` works
-    adapter_model.safetensors    LoRA weights under PEFT's standard keys (no adapter name inside)
+    adapter_config.json          PEFT LoraConfig (target_modules, r, lora_alpha, ...)
+    adapter_model.safetensors    LoRA weights under Tinker's keys (see below; no adapter name inside)
     optimizer.safetensors        (optional) AdamW moments, keyed "<PEFT key>/<state name>"
     tuft_run.json                base model, TuFT LoRA config, optimizer step count
+
+Tinker's keys are PEFT's except for the unembedding (output embedding) LoRA: Tinker writes
+`base_model.model.model.unembed_tokens.lora_{A,B}.weight` for every model, where PEFT says
+`base_model.model.lm_head...`. tinker-cookbook's merge (`weights.build_hf_model`) maps that name
+to `lm_head.weight`, or to `model.embed_tokens.weight` when the embeddings are tied; PEFT's name
+fails there for tied models, whose weight files have no `lm_head.weight`. So files carry Tinker's
+name and the engine keeps PEFT's: `write_checkpoint` renames on the way out, `read_adapter_weights`
+on the way in, and it accepts both, so folders written before format 2 (PEFT's name) still load.
+PEFT itself loads the folder with `PeftModel.from_pretrained(base, folder,
+key_mapping=PEFT_KEY_MAPPING)` (without the mapping, a run that trained the unembedding would load
+with that LoRA left at zero, and PEFT warns about the missing keys).
 
 Pending gradients (forward_backward without a following optim_step) are not saved: Tinker saves
 after optim_step, and a checkpoint is a point between updates.
@@ -30,7 +41,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 RUN_FILE = "tuft_run.json"
-FORMAT_VERSION = 1
+# 2: the unembedding LoRA under Tinker's name (1: PEFT's). Both are read; an older TuFT reading a
+# format-2 folder refuses it by number instead of with a key mismatch.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+
+PEFT_UNEMBED = "base_model.model.lm_head."
+TINKER_UNEMBED = "base_model.model.model.unembed_tokens."
+# PEFT applies this to keys without their "base_model.model." prefix (peft.load_peft_weights).
+PEFT_KEY_MAPPING = {r"^model\.unembed_tokens\.": "lm_head."}
 
 
 def _fsync(path: Path) -> None:
@@ -44,6 +63,23 @@ def _fsync(path: Path) -> None:
 def _tensors_for_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage; CPU copies are cheap at LoRA sizes.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def _renamed(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    renamed = {new + key.removeprefix(old) if key.startswith(old) else key: value for key, value in tensors.items()}
+    if len(renamed) != len(tensors):
+        raise OpInputError(f"adapter weights name the unembedding LoRA twice ({old!r} and {new!r})")
+    return renamed
+
+
+def to_file_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT keys -> the keys written in adapter_model.safetensors (Tinker's)."""
+    return _renamed(weights, PEFT_UNEMBED, TINKER_UNEMBED)
+
+
+def from_file_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys of an adapter file, Tinker's or PEFT's (TuFT before format 2) -> PEFT keys."""
+    return _renamed(weights, TINKER_UNEMBED, PEFT_UNEMBED)
 
 
 def write_checkpoint(
@@ -64,7 +100,7 @@ def write_checkpoint(
     config = copy.deepcopy(peft_config)
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(dest))  # PEFT's own serialisation of its config (sets -> lists etc.)
-    save_file(_tensors_for_file(weights), str(dest / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(_tensors_for_file(to_file_keys(weights)), str(dest / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     files = [dest / ADAPTER_CONFIG, dest / ADAPTER_WEIGHTS]
     if optimizer_state is not None:
         save_file(_tensors_for_file(optimizer_state), str(dest / OPTIMIZER_STATE), metadata={"format": "pt"})
@@ -92,7 +128,7 @@ def _run_info(src: Path) -> dict[str, Any]:
         raise OpInputError(f"{src} is not a TuFT checkpoint (no {RUN_FILE})") from None
     except (OSError, ValueError) as exc:
         raise OpInputError(f"cannot read {path}: {exc}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
+    if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
         raise OpInputError(f"{path}: unsupported checkpoint format")
     return info
 
@@ -120,7 +156,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_weights(src: Path) -> dict[str, torch.Tensor]:
-    return _load_tensors(Path(src) / ADAPTER_WEIGHTS)
+    """The adapter's weights by PEFT key, from a folder of any TuFT format version."""
+    return from_file_keys(_load_tensors(Path(src) / ADAPTER_WEIGHTS))
 
 
 def read_adapter_config(src: Path) -> peft.LoraConfig:
