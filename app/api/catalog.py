@@ -13,7 +13,7 @@ from typing import Any
 
 from app.config import Settings
 from app.domain.errors import InvalidInput
-from app.domain.models import BUILTIN_TINY_MODEL, ModelSpec
+from app.domain.models import BUILTIN_TINY_MODEL, BUILTIN_TINY_PATH, ModelSpec
 
 
 class ModelCatalog:
@@ -35,6 +35,11 @@ class ModelCatalog:
     def vocab_size(self, name: str) -> int:
         spec = self.get(name)
         return spec.vocab_size or _vocab_from_folder(spec.model_path)
+
+    def model_type(self, name: str) -> str | None:
+        """config.json's `model_type` (None for the built-in model or a folder without one)."""
+        spec = self.get(name)
+        return None if spec.model_path == BUILTIN_TINY_PATH else _model_type_from_folder(spec.model_path)
 
     def capabilities(self) -> list[dict[str, Any]]:
         return [
@@ -100,3 +105,13 @@ def _vocab_from_folder(path: str) -> int:
         return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(f"cannot read the vocabulary size of {path}: {exc}") from exc
+
+
+@cache
+def _model_type_from_folder(path: str) -> str | None:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the worker reports an unreadable folder when it loads the model
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None

@@ -22,15 +22,12 @@ from transformers import PreTrainedModel
 from app.domain.ops import LoraConfig
 from workers.engine.determinism import cpu_generator, isolated_rng
 from workers.engine.errors import OpInputError
+from workers.engine.lora_targets import lora_targets
 
 # Tinker fixes LoRA alpha at 32 for every rank (its "LoRA Without Regret" analysis): with the
 # alpha/r scaling, the update's effective learning rate is then roughly rank-independent, so
 # users can change rank without retuning the LR. Checkpoints written with it load anywhere PEFT does.
 LORA_ALPHA = 32
-
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_MODULES = ("lm_head",)
 
 
 def adapter_name_for(prefix: str, key: str) -> str:
@@ -38,27 +35,20 @@ def adapter_name_for(prefix: str, key: str) -> str:
     return f"{prefix}_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
-def target_modules(lora: LoraConfig) -> list[str]:
-    targets: list[str] = []
-    if lora.train_attn:
-        targets += ATTN_MODULES
-    if lora.train_mlp:
-        targets += MLP_MODULES
-    if lora.train_unembed:
-        targets += UNEMBED_MODULES
-    if not targets:
-        raise OpInputError("LoRA config trains nothing: set at least one of train_attn, train_mlp, train_unembed")
-    return targets
-
-
-def peft_config_for(lora: LoraConfig) -> peft.LoraConfig:
+def peft_config_for(lora: LoraConfig, model: nn.Module) -> peft.LoraConfig:
+    """The PEFT config of a run: its rank, and targets derived from `model` (lora_targets.py);
+    OpInputError (Uncoverable) if the model cannot be covered as `lora` asks."""
     if lora.rank < 1:
         raise OpInputError(f"LoRA rank must be >= 1, got {lora.rank}")
+    targets = lora_targets(model, lora)
     return peft.LoraConfig(
         r=lora.rank,
         lora_alpha=LORA_ALPHA,
         lora_dropout=0.0,  # dropout would draw from an RNG on every forward and break replay
-        target_modules=target_modules(lora),
+        target_modules=list(targets.modules),
+        # Fused MoE experts (3-D tensors), wrapped by PEFT's ParamWrapper; None keeps adapter
+        # configs of dense models exactly as before.
+        target_parameters=list(targets.parameters) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -85,6 +75,9 @@ class AdapterHost:
             warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
             # PEFT reads a transformers attribute that transformers 5 renamed; harmless noise.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            # GPT-2 style Conv1D targets: PEFT notices the transposed weight and sets
+            # fan_in_fan_out itself for those layers only, which is what we want.
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             if self._peft is None:
                 self._peft = peft.get_peft_model(self.model, config, adapter_name=name)
             else:

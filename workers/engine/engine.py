@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
+import peft
 import torch
 from torch import nn
 
@@ -61,6 +62,7 @@ class _Run:
     adapter: str
     params: dict[str, nn.Parameter]  # by PEFT key, sorted: the optimizer's parameter order
     optimizer: torch.optim.AdamW
+    peft_config: peft.LoraConfig  # its targets were derived from the model (lora_targets.py)
     steps: int = 0
     # The budget the last forward_backward's micro-batches were planned with (recorded with the op
     # so that a replay splits it the same way: the split decides the float rounding).
@@ -76,6 +78,7 @@ class RunExport:
     weights: dict[str, torch.Tensor]
     optimizer_state: dict[str, torch.Tensor]
     optimizer_steps: int
+    peft_config: peft.LoraConfig
 
 
 @dataclass
@@ -171,12 +174,13 @@ class TorchEngine:
         spec = self._spec(base_model)
         if lora.rank > spec.max_lora_rank:
             raise OpInputError(f"LoRA rank {lora.rank} exceeds {base_model}'s max_lora_rank {spec.max_lora_rank}")
-        config = peft_config_for(lora)  # validates rank >= 1 and targets
         slot = self._slot(base_model)
+        config = peft_config_for(lora, slot.loaded.model)  # validates rank >= 1 and coverage
         name = adapter_name_for("r", run_id)
         slot.host.add(name, config, seed=lora.seed if lora.seed is not None else 0)
         params = slot.host.params(name)
-        self._runs[run_id] = _Run(run_id, base_model, lora, name, params, new_optimizer(list(params.values())))
+        optimizer = new_optimizer(list(params.values()))
+        self._runs[run_id] = _Run(run_id, base_model, lora, name, params, optimizer, config)
 
     @_serialised
     def has_run(self, run_id: str) -> bool:
@@ -295,7 +299,7 @@ class TorchEngine:
             Path(dest),
             base_model=run.base_model,
             lora=run.lora,
-            peft_config=peft_config_for(run.lora),
+            peft_config=run.peft_config,
             weights={key: p.detach() for key, p in run.params.items()},
             optimizer_state=checkpoint.optimizer_tensors(run.optimizer, run.params) if with_optimizer else None,
             optimizer_steps=run.steps if with_optimizer else 0,
@@ -346,6 +350,7 @@ class TorchEngine:
                 for k, v in checkpoint.optimizer_tensors(run.optimizer, run.params).items()
             },
             optimizer_steps=run.steps,
+            peft_config=run.peft_config,
         )
 
     @staticmethod
@@ -355,7 +360,7 @@ class TorchEngine:
             Path(dest),
             base_model=export.base_model,
             lora=export.lora,
-            peft_config=peft_config_for(export.lora),
+            peft_config=export.peft_config,
             weights=export.weights,
             optimizer_state=export.optimizer_state,
             optimizer_steps=export.optimizer_steps,

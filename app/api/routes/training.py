@@ -24,6 +24,7 @@ from app.api.deps import State, Tenant, body_as
 from app.api.state import AppState
 from app.api.validation import check_forward_backward
 from app.db.models import Run
+from app.domain.architectures import lora_refusal
 from app.domain.errors import InvalidInput, NotFound
 from app.domain.ids import parse_tinker_path
 from app.domain.ops import LoraConfig
@@ -85,6 +86,9 @@ async def create_model(request: Request, state: State, tenant: Tenant) -> dict[s
     lora = translate.create_model_to_lora_config(req)
     if lora.rank > spec.max_lora_rank:
         raise InvalidInput(f"lora rank {lora.rank} exceeds this model's maximum {spec.max_lora_rank}")
+    refusal = lora_refusal(spec.model_name, state.catalog.model_type(spec.model_name), lora)
+    if refusal is not None:
+        raise InvalidInput(refusal)
 
     def work(s: DbSession) -> tuple[tuple[str, str], list[Wakeup]]:
         run = submit.create_run(
