@@ -71,7 +71,7 @@ class Settings(BaseModel):
     # lease is older than the TTL (judged by the database clock).
     lease_ttl_seconds: float = 15.0
     heartbeat_seconds: float = 2.0
-    # Worker poll tick: the whole wake-up mechanism in embedded mode, a safety net with Redis.
+    # Worker poll tick: a safety net behind the wake-ups (Redis, or app/localbell.py without it).
     worker_poll_seconds: float = 0.1
     # `tuft launch` kills and restarts its worker once the worker's heartbeat is this old (None:
     # twice lease_ttl_seconds, so a heartbeat late on a loaded machine is not taken for a hang;

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Protocol
 
+from app.localbell import BellSender, bell_dir
 from app.queue.submit import Wakeup
 
 log = logging.getLogger(__name__)
@@ -21,13 +23,28 @@ class Doorbell(Protocol):
 
 
 class NoopDoorbell:
-    """Embedded mode: the worker polls SQLite, nothing to ring."""
+    """Nothing to ring: workers find the work on their poll tick."""
 
     def ring(self, wakeups: list[Wakeup]) -> None:
         return None
 
     def close(self) -> None:
         return None
+
+
+class LocalDoorbell:
+    """No broker (embedded mode): a datagram to each worker of this host (app/localbell.py). Workers
+    on other hosts keep finding their work on their poll tick."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._sender = BellSender(bell_dir(data_dir))
+
+    def ring(self, wakeups: list[Wakeup]) -> None:
+        if wakeups:
+            self._sender.ring()
+
+    def close(self) -> None:
+        self._sender.close()
 
 
 class CeleryDoorbell:
@@ -58,5 +75,5 @@ class CeleryDoorbell:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def make_doorbell(redis_url: str | None) -> Doorbell:
-    return CeleryDoorbell(redis_url) if redis_url else NoopDoorbell()
+def make_doorbell(redis_url: str | None, data_dir: Path) -> Doorbell:
+    return CeleryDoorbell(redis_url) if redis_url else LocalDoorbell(data_dir)

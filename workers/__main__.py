@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # Imported only now: torch must not see CUDA before CUDA_VISIBLE_DEVICES is set.
+    from app import localbell
     from app.db.engine import Database, DbTimeouts
     from app.queue import leases
     from workers.engine import DeviceFatal, OpInputError, OutOfMemory, TorchEngine
@@ -228,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             signal.signal(signal.SIGTERM, _stop)
             signal.signal(signal.SIGINT, _stop)
-            runner.run_forever()
+            # No broker: the API rings this host's workers directly (app/localbell.py).
+            bell = localbell.listen(settings.resolved_data_dir(), runner.wake)
+            try:
+                runner.run_forever()
+            finally:
+                if bell is not None:
+                    bell.close()
     except SystemExit as exc:  # Celery ends its worker with sys.exit
         code = exc.code if isinstance(exc.code, int) else 1
     finally:

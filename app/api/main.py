@@ -180,7 +180,7 @@ def create_app(
         state = AppState(
             settings=settings,
             db=database,
-            doorbell=make_doorbell(settings.redis_url),
+            doorbell=make_doorbell(settings.redis_url, settings.resolved_data_dir()),
             catalog=ModelCatalog(settings),
             keys=KeyResolver(database, settings.configured_keys()),
             poller=poller,
