@@ -293,14 +293,17 @@ def record_checkpoint(
 def sweeper_held(api: Api) -> Iterator[None]:
     """Keep the app's own sweeper thread idle (it sweeps every 2 s and would delete an expired
     checkpoint in the middle of a test about what happens before the sweep): take its singleton
-    lease the way a second API process would, and hand it back afterwards."""
-    deadline = time.monotonic() + 30
-    while True:
-        with api.db.write() as s:
-            if hold_singleton(s, "sweeper", "test-hold", ttl=120):
-                break
-        assert time.monotonic() < deadline, "the app's sweeper kept its lease"
-        time.sleep(0.2)
+    lease from it, and hand it back afterwards.
+
+    Taken by force: the app's sweeper renews its lease every pass, so waiting for it to lapse
+    only worked when the sweeper had not started yet (under CI load it had, and the wait timed
+    out). A pass it began before the takeover may still be running: give it time to end."""
+    with api.db.write() as s:
+        hold_singleton(s, "sweeper", "test-hold", ttl=120)  # creates the row if there is none
+        s.execute(
+            update(Singleton).where(Singleton.name == "sweeper").values(holder="test-hold", expires_at=db_now(s) + 120)
+        )
+    time.sleep(2.0)
     try:
         yield
     finally:
