@@ -60,6 +60,11 @@ class Settings(BaseModel):
     # `tuft launch` / `tuft api` refuse to serve the dev key on a non-loopback address (anyone who
     # reaches the port could use it) unless this says it is meant (docs/deployment.md).
     allow_dev_key_on_network: bool = False
+    # Told to every SDK in /api/v1/client/config: build the client's HTTP on the pyqwest (Rust)
+    # transport (the SDK's default) or on httpx's own. Off: our CI saw SDK processes die of
+    # SIGSEGV/SIGBUS in native threads while clients talked to a server over pyqwest, and a
+    # self-hosted server on a LAN gains little from it (docs/configuration.md).
+    client_pyqwest_transport: bool = False
 
     # retrieve_future is held at most this long, then answered try_again: well under the SDK's
     # 45 s read timeout (tinker-protocol.md §1.7, §3.4).

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tinker import types
 
-from tests.api.helpers import BASE_MODEL, Api, assert_error
+from tests.api.helpers import BASE_MODEL, Api, assert_error, make_settings, running_app
 
 
 def test_client_config_parses_as_the_sdk_reads_it(api: Api) -> None:
@@ -15,6 +17,16 @@ def test_client_config_parses_as_the_sdk_reads_it(api: Api) -> None:
     # The server decompresses zstd, so it asks the SDK to compress forward_backward bodies.
     assert config.proto_compress_fwdbwd is True
     assert config.pjwt_auth_enabled is False
+    # The SDK's HTTP runs on httpx's own transport unless client_pyqwest_transport says otherwise.
+    assert config.use_pyqwest_transport is False
+
+
+def test_client_config_turns_the_pyqwest_transport_on_when_configured(tmp_path: Path) -> None:
+    with running_app(make_settings(tmp_path, None, client_pyqwest_transport=True)) as api:
+        config = types.ClientConfigResponse.model_validate(
+            api.post("/api/v1/client/config", {"sdk_version": "0.38.0"}).json()
+        )
+    assert config.use_pyqwest_transport is True
 
 
 def test_dynamic_config(api: Api) -> None:

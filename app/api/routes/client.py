@@ -16,10 +16,14 @@ router = APIRouter()
 
 
 @router.post("/api/v1/client/config")
-async def client_config(_: Tenant) -> dict[str, Any]:
+async def client_config(state: State, _: Tenant) -> dict[str, Any]:
     # Every field is optional and `{}` gives the SDK's defaults (tinker-protocol.md §2.2). We
-    # decompress zstd, so let the SDK compress forward_backward bodies.
-    return {"proto_compress_fwdbwd": True}
+    # decompress zstd, so let the SDK compress forward_backward bodies. The transport switch is
+    # the SDK's own kill switch for its pyqwest transport (it fetches this config over httpx).
+    return {
+        "proto_compress_fwdbwd": True,
+        "use_pyqwest_transport": state.settings.client_pyqwest_transport,
+    }
 
 
 @router.post("/api/v1/client/dynamic_config")
