@@ -26,6 +26,11 @@ class Lease:
     epoch: int
 
 
+# A worker whose heartbeat is this many lease TTLs old is dead: the sweeper marks it so
+# (sweeper.mark_dead_workers) and the queue state stops counting it (queue_state.live_workers).
+DEAD_AFTER_TTLS = 3
+
+
 def register_worker(s: DbSession, *, worker_id: str, host: str, device: str, queue: str, pid: int) -> None:
     now = db_now(s)
     s.add(

@@ -25,14 +25,12 @@ from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_now
 from app.db.models import Op, Run, Worker
+from app.queue.leases import DEAD_AFTER_TTLS
 
 # The SDK's own vocabulary (tinker.types.TryAgainResponse.queue_state); app/wire/responses.py
 # declares the same literal for the body it writes.
 QueueStateValue = Literal["active", "paused_capacity", "paused_rate_limit"]
 
-# The sweeper declares a worker dead after three missed lease periods (sweeper.mark_dead_workers);
-# until then it counts as live here too.
-DEAD_AFTER_TTLS = 3
 # Recent finished ops of a run that the estimate averages over.
 ESTIMATE_WINDOW = 20
 PENDING = ("queued", "running")

@@ -24,6 +24,7 @@ from app.db.engine import Database, db_now
 from app.db.models import Checkpoint, Op, Run, Singleton, Worker
 from app.queue import retention
 from app.queue.claim import requeue_expired_samples
+from app.queue.leases import DEAD_AFTER_TTLS
 from app.queue.submit import NEW_RUNS_QUEUE, Wakeup
 
 log = logging.getLogger("tuft.sweeper")
@@ -97,7 +98,7 @@ def take_back(s: DbSession, run_id: str, report: SweepReport) -> None:
 
 
 def mark_dead_workers(s: DbSession, ttl: float, report: SweepReport) -> None:
-    cutoff = db_now(s) - 3 * ttl
+    cutoff = db_now(s) - DEAD_AFTER_TTLS * ttl
     dead = s.execute(
         select(Worker.worker_id).where(Worker.stopped_at.is_(None), Worker.heartbeat_at < cutoff)
     ).scalars()
