@@ -29,7 +29,7 @@ from app.domain.errors import DomainError
 from app.domain.oai import OaiCompletionOp
 from app.domain.ops import ForwardBackwardOp, LoadWeightsOp, SampleOp, SaveWeightsOp, parse_op
 from app.domain.results import LoadWeightsResult, SaveWeightsResult, result_bytes
-from app.queue import checkpoints, claim, commit, handback, leases
+from app.queue import checkpoints, claim, commit, handback, leases, stability
 from app.queue.claim import ReadyOp
 from app.queue.commit import Fenced, Outcome
 from workers.execute import apply_mutation, write_checkpoint
@@ -479,12 +479,20 @@ class Runner:
                 lambda s: handback.give_back_sample(s, worker_id=self.worker_id, request_id=claimed.request_id)
             )
             return True
-        try:
-            self._commit(
-                lambda s: commit.commit_sample(
-                    s, worker_id=self.worker_id, request_id=claimed.request_id, outcome=outcome
-                )
+
+        def commit_with_records(s: DbSession) -> None:
+            commit.commit_sample(s, worker_id=self.worker_id, request_id=claimed.request_id, outcome=outcome)
+            # In the same transaction: a client that sees the result can train on it.
+            stability.record_sample(
+                s,
+                request_id=claimed.request_id,
+                sampler_id=claimed.sampler_id,
+                payload=claimed.payload,
+                result=None if outcome.failed else outcome.result,
             )
+
+        try:
+            self._commit(commit_with_records)
         except Fenced as exc:
             log.warning("sample result discarded: %s", exc)
         return True

@@ -8,10 +8,11 @@ import math
 from app.domain.errors import InvalidInput
 from app.domain.ops import (
     LOSS_SPECS,
+    SERVER_INPUTS,
     Datum,
     ForwardBackwardOp,
     SampleOp,
-    loss_input_names,
+    client_input_names,
     resolve_loss_config,
     unexpected_inputs_message,
 )
@@ -36,12 +37,14 @@ def _check_datum(i: int, datum: Datum, loss_fn: str, vocab: int, max_len: int) -
     _check_tokens(datum.tokens, vocab, f"datum {i} model_input")
     inputs = datum.loss_fn_inputs
     spec = LOSS_SPECS[loss_fn]
-    missing = [name for name in ("target_tokens", *spec.required) if name not in inputs]
+    # Inputs the server fills in from sampling records come later (routes/training.py).
+    server = SERVER_INPUTS.get(loss_fn, ())
+    missing = [name for name in ("target_tokens", *spec.required) if name not in inputs and name not in server]
     if missing:
         names = ", ".join(f"loss_fn_inputs[{name!r}]" for name in missing)
         raise InvalidInput(f"datum {i}: {loss_fn} needs {names}")
     if spec.strict:
-        extra = sorted(set(inputs) - loss_input_names(loss_fn))
+        extra = sorted(set(inputs) - client_input_names(loss_fn))
         if extra:
             raise InvalidInput(f"datum {i}: {unexpected_inputs_message(loss_fn, extra)}")
     targets = inputs["target_tokens"]

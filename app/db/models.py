@@ -223,3 +223,25 @@ class Singleton(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(200))
     expires_at: Mapped[float] = mapped_column(Float)
+
+
+class StabilityRecord(Base):
+    """What StableReinforce needs of one sampled sequence (app/queue/stability.py): written with
+    the result of a sample asked with record_stability_info, read by forward_backward through
+    the datum's provenance spans, deleted by the sweeper once `expires_at` passes (one day after
+    sampling or after the last training request that used it, as Tinker's docs say)."""
+
+    __tablename__ = "stability_records"
+
+    # "<request_id>:<index>": the SampledSequence.sequence_id the client was given.
+    sequence_id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200))
+    # Sequences belong to the session that sampled them; only its training runs may use them.
+    session_id: Mapped[str] = mapped_column(String(100))
+    prompt_len: Mapped[int] = mapped_column(Integer)
+    # Little-endian int32 token ids and float32 logprobs, one per sampled token.
+    tokens: Mapped[bytes] = mapped_column(LargeBinary)
+    logprobs: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+    # Indexed: the sweeper deletes the expired ones every pass.
+    expires_at: Mapped[float] = mapped_column(Float, index=True)

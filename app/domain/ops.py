@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, TypeAdapter, model_serializer
 
 from app.domain.oai import OaiCompletionOp
+from app.domain.provenance import RECORDED_LOGPROBS, SAMPLED_MASK
 from app.domain.sampling import PromptGrid
 from app.domain.tensors import Array
 
@@ -56,15 +57,21 @@ LOSS_SPECS: Mapping[str, LossSpec] = {
         optional=("sequence_ratio_mask",),
         config={"clip_low_threshold": 0.9997, "clip_high_threshold": 1.0004},
     ),
+    # Reads the sampler's recorded logprobs, never the client's `logprobs` (accepted because the
+    # cookbook sends it, then ignored). Config defaults are TuFT's choice (docs/losses.md).
+    "stable_reinforce": LossSpec(
+        required=("advantages", RECORDED_LOGPROBS, SAMPLED_MASK),
+        optional=("logprobs",),
+        config={"clip_high_threshold": 2.0, "kl_coeff": 0.0},
+    ),
 }
 KNOWN_LOSSES: frozenset[str] = frozenset(LOSS_SPECS)
+# Inputs the API fills in from sampling records (app/domain/provenance.py): required by the
+# engine, refused from a client.
+SERVER_INPUTS: Mapping[str, tuple[str, ...]] = {"stable_reinforce": (RECORDED_LOGPROBS, SAMPLED_MASK)}
 
 # SDK loss names this server refuses, with the reason it gives the user.
 UNSUPPORTED_LOSSES: Mapping[str, str] = {
-    "stable_reinforce": (
-        "its objective is not published and it needs sampler-side stability records "
-        "(record_stability_info) that this server does not keep"
-    ),
     "custom": (
         "server-side custom losses (ServiceClient.create_custom_loss) are not available; "
         "forward_backward_custom with a Python callable runs the loss on the client instead"
@@ -80,8 +87,13 @@ def loss_input_names(loss_fn: str) -> frozenset[str]:
     return frozenset({"target_tokens", *spec.required, *spec.optional})
 
 
+def client_input_names(loss_fn: str) -> frozenset[str]:
+    """What a client may send: the loss's inputs less those the server fills in."""
+    return loss_input_names(loss_fn) - frozenset(SERVER_INPUTS.get(loss_fn, ()))
+
+
 def unexpected_inputs_message(loss_fn: str, extra: list[str]) -> str:
-    allowed = ", ".join(sorted(loss_input_names(loss_fn)))
+    allowed = ", ".join(sorted(client_input_names(loss_fn)))
     message = f"{loss_fn} does not use loss_fn_inputs {extra} (it reads: {allowed})"
     if _CONFIG_AS_INPUT.intersection(extra):
         message += "; pass clip thresholds in loss_fn_config"
@@ -115,6 +127,10 @@ def resolve_loss_config(loss_fn: str, config: Mapping[str, float | str]) -> dict
             )
     if resolved.get("beta", 0.0) < 0:
         raise ValueError(f"{loss_fn} needs beta >= 0, got {resolved['beta']:g}")
+    if resolved.get("kl_coeff", 0.0) < 0:
+        raise ValueError(f"{loss_fn} needs kl_coeff >= 0, got {resolved['kl_coeff']:g}")
+    if loss_fn == "stable_reinforce" and resolved["clip_high_threshold"] <= 0:
+        raise ValueError(f"{loss_fn} needs clip_high_threshold > 0, got {resolved['clip_high_threshold']:g}")
     return resolved
 
 
@@ -211,6 +227,17 @@ class SampleOp(_Frozen):
     prompt_logprobs_last_n: int | None = None
     target_prompt_logprobs: PromptGrid | None = None
     prompt_alt_tokens_k: int = 0
+    # Keep what StableReinforce needs of each sequence (app/queue/stability.py).
+    record_stability_info: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_default_record(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # Left out when false, so every other sample op keeps the canonical bytes, and so the
+        # dedupe hash, it had before the field existed.
+        data: dict[str, object] = handler(self)
+        if not self.record_stability_info:
+            data.pop("record_stability_info", None)
+        return data
 
 
 Op = Annotated[

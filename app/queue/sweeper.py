@@ -25,6 +25,7 @@ from app.db.models import Checkpoint, Op, Run, Singleton, Worker
 from app.queue import retention
 from app.queue.claim import requeue_expired_samples
 from app.queue.leases import DEAD_AFTER_TTLS
+from app.queue.stability import expire_records
 from app.queue.submit import NEW_RUNS_QUEUE, Wakeup
 
 log = logging.getLogger("tuft.sweeper")
@@ -46,6 +47,8 @@ class SweepReport:
     expired_checkpoints: list[str] = field(default_factory=list)
     wakeups: list[Wakeup] = field(default_factory=list)
     retention: retention.RetentionReport = field(default_factory=retention.RetentionReport)
+    # StableReinforce sampling records past their day (app/queue/stability.py).
+    expired_stability_records: int = 0
     # Steps that failed on a database error this pass (retried next pass).
     failed_steps: list[str] = field(default_factory=list)
 
@@ -159,6 +162,9 @@ def _steps(lease_ttl: float, result_retention: float, finished_run_retention: fl
     def requeue(s: DbSession, report: SweepReport) -> None:
         report.requeued_samples += requeue_expired_samples(s)
 
+    def stability_records(s: DbSession, report: SweepReport) -> None:
+        report.expired_stability_records += expire_records(s)
+
     return [
         ("dead_workers", lambda s, r: mark_dead_workers(s, lease_ttl, r)),
         ("samples", requeue),
@@ -166,6 +172,7 @@ def _steps(lease_ttl: float, result_retention: float, finished_run_retention: fl
         ("results", lambda s, r: expire_results(s, result_retention, r)),
         ("checkpoints", expire_checkpoints),
         ("retention", lambda s, r: apply_retention(s, finished_run_retention, r)),
+        ("stability_records", stability_records),
     ]
 
 
@@ -185,6 +192,7 @@ def _merge(into: SweepReport, done: SweepReport) -> None:
     into.requeued_samples += done.requeued_samples
     into.expired_results += done.expired_results
     into.expired_checkpoints += done.expired_checkpoints
+    into.expired_stability_records += done.expired_stability_records
     into.wakeups += done.wakeups
     into.retention.results_dropped += done.retention.results_dropped
     into.retention.payloads_pruned += done.retention.payloads_pruned

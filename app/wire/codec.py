@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from app.domain.errors import InvalidInput, MalformedRequest, ServerError
-from app.domain.ops import Datum, ForwardBackwardOp
+from app.domain.ops import SERVER_INPUTS, Datum, ForwardBackwardOp
+from app.domain.provenance import DatumProvenance, Span
 from app.domain.results import ForwardBackwardResult
 from app.domain.tensors import Array
 from app.wire.compression import decompress_body
@@ -62,8 +63,14 @@ class DecodedForwardBackward:
     seq_id: int
     op: ForwardBackwardOp | None
     error: InvalidInput | MalformedRequest | None = None
+    # stable_reinforce only: each datum's provenance spans, resolved against the sampling
+    # records when the op is submitted (app/queue/stability.py). None for every other loss.
+    provenance: tuple[DatumProvenance | None, ...] | None = None
 
 
+# Provenance spans beyond one per position, and the longest sequence id this server issues.
+_SPAN_SLACK = 16
+_MAX_SEQUENCE_ID = 120
 # Per datum: more named inputs than any loss reads is not a request anyone means.
 _MAX_INPUTS_PER_DATUM = 16
 # Tensor elements a request may carry, per token: every loss input is one value per token.
@@ -110,12 +117,54 @@ def decode_forward_backward_located(
     model_id, seq_id = msg.model_id, msg.seq_id
     try:
         op = _content(msg, limits)
+        provenance = _provenance(msg, op) if op.loss_fn in SERVER_INPUTS else None
     except (InvalidInput, MalformedRequest) as exc:
         # The traceback's frames hold the message (as large as the inflated body): drop both now
         # rather than when the request ends, or the next decode runs beside them.
         del msg
         return DecodedForwardBackward(model_id, seq_id, None, exc.with_traceback(None))
-    return DecodedForwardBackward(model_id, seq_id, op)
+    return DecodedForwardBackward(model_id, seq_id, op, provenance=provenance)
+
+
+def _provenance(msg: pb.ForwardBackwardRequest, op: ForwardBackwardOp) -> tuple[DatumProvenance | None, ...]:
+    return tuple(
+        _datum_provenance(d, i, len(datum.tokens)) for i, (d, datum) in enumerate(zip(msg.data, op.data, strict=True))
+    )
+
+
+def _datum_provenance(msg: pb.Datum, index: int, length: int) -> DatumProvenance | None:
+    if not msg.model_input_spans and not msg.loss_fn_input_spans:
+        return None
+    return DatumProvenance(
+        model_input=_spans(msg.model_input_spans, f"data[{index}].model_input_spans", length),
+        targets=_spans(msg.loss_fn_input_spans, f"data[{index}].loss_fn_input_spans", length),
+    )
+
+
+def _spans(spans: Sequence[pb.ProvenanceSpan], where: str, length: int) -> tuple[Span, ...]:
+    # Runs tile `length` positions; a zero-length run is legal but more runs than positions (plus
+    # slack for those) is not a request anyone means, and each run costs a Python object.
+    if len(spans) > length + _SPAN_SLACK:
+        raise InvalidInput(f"{where}: {len(spans)} spans for {length} positions")
+    out: list[Span] = []
+    for j, span in enumerate(spans):
+        kind = span.WhichOneof("span")
+        if kind not in ("prompt_tokens", "sampled_tokens"):
+            raise InvalidInput(f"{where}[{j}] names neither prompt_tokens nor sampled_tokens")
+        run = getattr(span, kind)
+        if not run.sequence_id or len(run.sequence_id) > _MAX_SEQUENCE_ID:
+            raise InvalidInput(f"{where}[{j}]: sequence_id must be 1 to {_MAX_SEQUENCE_ID} characters")
+        if run.offset < 0 or run.length < 0:
+            raise InvalidInput(f"{where}[{j}]: offset and length must be >= 0")
+        out.append(
+            Span(
+                kind="prompt" if kind == "prompt_tokens" else "sampled",
+                sequence_id=run.sequence_id,
+                offset=run.offset,
+                length=run.length,
+            )
+        )
+    return tuple(out)
 
 
 def _content(msg: pb.ForwardBackwardRequest, limits: DecodeLimits) -> ForwardBackwardOp:
@@ -184,7 +233,7 @@ def _datum(msg: pb.Datum, index: int, budget: SparseBudget) -> Datum:
         name: array_from_proto(msg.loss_fn_inputs[name], f"data[{index}].loss_fn_inputs[{name!r}]", budget)
         for name in sorted(msg.loss_fn_inputs)
     }
-    # Provenance spans (0.38) only matter to losses this server does not implement; ignored.
+    # Provenance spans (0.38) are read by _provenance, for the losses that use them.
     return Datum(tokens=tuple(tokens), loss_fn_inputs=inputs)
 
 

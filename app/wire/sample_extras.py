@@ -39,11 +39,6 @@ class _TensorDataJson(BaseModel):
 
 def sample_extras(req: SampleRequest, prompt_len: int) -> dict[str, Any]:
     """SampleOp fields for the options of `req` beyond prompt, num_samples and sampling params."""
-    if req.record_stability_info:
-        raise InvalidInput(
-            "record_stability_info is not supported by this server: it only serves the stable_reinforce "
-            "loss, which this server does not implement"
-        )
     _bounded("topk_prompt_logprobs", req.topk_prompt_logprobs, MAX_TOPK_PROMPT_LOGPROBS)
     _bounded("topk_sample_logprobs", req.topk_sample_logprobs, MAX_TOPK_SAMPLE_LOGPROBS)
     _bounded("prompt_alt_tokens_k", req.prompt_alt_tokens_k, MAX_PROMPT_ALT_TOKENS_K)
@@ -65,6 +60,7 @@ def sample_extras(req: SampleRequest, prompt_len: int) -> dict[str, Any]:
         "prompt_logprobs_last_n": last_n,
         "target_prompt_logprobs": grid,
         "prompt_alt_tokens_k": req.prompt_alt_tokens_k,
+        "record_stability_info": bool(req.record_stability_info),
     }
 
 

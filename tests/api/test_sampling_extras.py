@@ -87,7 +87,6 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "last_n_zero": ({"prompt_logprobs": True, "prompt_logprobs_last_n": 0}, "between 1 and len(prompt) - 1 = 3"),
     "last_n_negative": ({"prompt_logprobs": True, "prompt_logprobs_last_n": -2}, "between 1 and len(prompt) - 1"),
     "last_n_too_long": ({"prompt_logprobs": True, "prompt_logprobs_last_n": 4}, "got 4"),
-    "record_stability_info": ({"record_stability_info": True}, "record_stability_info is not supported"),
     "target_wrong_rows": (_target([1, 2, 3, 4], [4, 1]), "len(prompt) - 1 = 3 rows"),
     "target_id_at_vocab": (_target([1, VOCAB, -1], [3, 1]), f"token id {VOCAB} is outside the vocabulary"),
     "target_all_pad": (_target([-1, -1, -1], [3, 1]), "names no token id"),

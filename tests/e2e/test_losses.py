@@ -93,7 +93,8 @@ def test_importance_sampling_and_ppo_through_the_sdk(embedded_server: LiveServer
     # Bad config is a failed future naming the key; the run goes on.
     with pytest.raises(Exception, match="clip_ratio"):
         training.forward_backward(data, "ppo", {"clip_ratio": 0.2}).result(timeout=60)
-    with pytest.raises(Exception, match="not supported"):
+    # stable_reinforce without provenance spans names what is missing (tests/e2e/test_stable_reinforce.py).
+    with pytest.raises(Exception, match="has no provenance"):
         training.forward_backward(data, "stable_reinforce").result(timeout=60)
     forward = training.forward(data, "cispo").result(timeout=60)
     assert set(forward.metrics) == {"loss:sum", "ratio_mean:mean", "clip_fraction:mean"}

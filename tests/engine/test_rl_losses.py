@@ -397,7 +397,7 @@ BAD_OPS: dict[str, tuple[str, dict[str, float | str], Datum, str]] = {
     "low above high": ("cispo", {"clip_low_threshold": 2.0, "clip_high_threshold": 1.0}, GOOD, "clip_low_threshold"),
     "negative low": ("ppo", {"clip_low_threshold": -0.1}, GOOD, "clip_low_threshold"),
     "negative beta": ("dro", {"beta": -1.0}, GOOD, "beta"),
-    "stable_reinforce": ("stable_reinforce", {"kl_coeff": 0.1}, GOOD, "not supported"),
+    "negative kl_coeff": ("stable_reinforce", {"kl_coeff": -0.1}, GOOD, "kl_coeff"),
     "server-side custom loss": ("custom", {"loss_id": "abc"}, GOOD, "not supported"),
     "unknown loss": ("grpo", {}, GOOD, "unknown loss"),
 }

@@ -127,7 +127,6 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "last_n_zero": ({"prompt_logprobs_last_n": 0, "prompt_logprobs": True}, "between 1 and len(prompt) - 1 = 3"),
     "last_n_negative": ({"prompt_logprobs_last_n": -1, "prompt_logprobs": True}, "between 1 and len(prompt) - 1"),
     "last_n_whole_prompt": ({"prompt_logprobs_last_n": 4, "prompt_logprobs": True}, "len(prompt) - 1 = 3, got 4"),
-    "record_stability_info": ({"record_stability_info": True}, "record_stability_info is not supported"),
     "target_float_values": (
         {"target_prompt_logprobs": {"data": [1.5, 2.0, 3.0], "dtype": "float32", "shape": [3, 1]}},
         "not a TensorData of int64 token ids",

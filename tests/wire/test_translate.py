@@ -305,8 +305,7 @@ def test_sample_real_sdk_image_chunk_rejected() -> None:
         tr.sample_to_op(jm.parse_body(jm.SampleRequest, body))
 
 
-def test_record_stability_info_false_is_accepted_true_refused() -> None:
+def test_record_stability_info_reaches_the_op() -> None:
     # 0.38 always sends the field, false unless the SamplingClient asked for stable_reinforce.
-    assert tr.sample_to_op(sample_req(record_stability_info=False)).prompt == (1, 2, 3)
-    with pytest.raises(InvalidInput, match=r"record_stability_info is not supported.*stable_reinforce"):
-        tr.sample_to_op(sample_req(record_stability_info=True))
+    assert not tr.sample_to_op(sample_req(record_stability_info=False)).record_stability_info
+    assert tr.sample_to_op(sample_req(record_stability_info=True)).record_stability_info

@@ -23,6 +23,7 @@ from app.domain.ops import (
     resolve_loss_config,
     unexpected_inputs_message,
 )
+from app.domain.provenance import SAMPLED_MASK
 from app.domain.results import ForwardBackwardResult
 from app.domain.tensors import Array
 from workers.engine import rl_losses
@@ -112,13 +113,21 @@ def _prepare(index: int, datum: Datum, loss_fn: str, vocab_size: int, max_len: i
         values = _array(index, name, given[name], "float32", n)
         if not np.isfinite(values).all():
             raise OpInputError(f"datum {index}: {name} must be finite (found NaN or infinity)")
-        if name == "sequence_ratio_mask" and not np.isin(values, (0.0, 1.0)).all():
-            raise OpInputError(f"datum {index}: sequence_ratio_mask values must be 0 or 1")
+        if name in ("sequence_ratio_mask", SAMPLED_MASK) and not np.isin(values, (0.0, 1.0)).all():
+            raise OpInputError(f"datum {index}: {name} values must be 0 or 1")
         if name in spec.required or name in spec.optional:
             inputs[name] = torch.from_numpy(values)
     # Optional inputs get their defaults here, so every datum of a batch has the same inputs.
     if loss_fn == "cross_entropy" and "weights" not in inputs:
         inputs["weights"] = torch.ones(n, dtype=torch.float32)
+    if loss_fn == "stable_reinforce":
+        # Accepted for the cookbook's sake, never read: the recorded logprobs replace it.
+        inputs.pop("logprobs", None)
+    if SAMPLED_MASK in inputs and bool(((inputs["advantages"] != 0) & (inputs[SAMPLED_MASK] == 0)).any()):
+        # The API resolved these from the sampling records and checked the same (app/domain/provenance.py).
+        raise OpInputError(
+            f"datum {index}: {loss_fn} trains only sampled tokens, but a non-sampled one has an advantage"
+        )
     if loss_fn == "gspo" and "sequence_ratio_mask" not in inputs:
         # The tokens that carry an advantage: prompt positions (advantage 0) are not the sequence.
         inputs["sequence_ratio_mask"] = (inputs["advantages"] != 0).to(torch.float32)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from app.domain.provenance import RECORDED_LOGPROBS, SAMPLED_MASK
+
 # Metric keys each loss reports besides `loss:sum` (tinker-protocol.md §6.3: `name:reduction`).
 RATIO_MEAN = "ratio_mean:mean"
 CLIP_FRACTION = "clip_fraction:mean"
@@ -32,6 +34,7 @@ EXTRA_METRICS: Mapping[str, tuple[str, ...]] = {
     "cispo": (RATIO_MEAN, CLIP_FRACTION),
     "dro": (),
     "gspo": (RATIO_MEAN, CLIP_FRACTION),
+    "stable_reinforce": (RATIO_MEAN, CLIP_FRACTION),
 }
 
 
@@ -161,6 +164,37 @@ def gspo(b: Batch) -> Terms:
     return Terms(_clipped_surrogate(b, ratio, live_ratio), **_ratio_stats(ratio, active, b, clip=True))
 
 
+def stable_reinforce(b: Batch) -> Terms:
+    """TuFT's reading of StableReinforce (docs/losses.md; Tinker has not published its objective).
+
+    REINFORCE on the sampled tokens, each weighted by its importance ratio against the sampler's
+    *recorded* logprob q_t (not the client's), truncated at c = clip_high_threshold and without
+    gradient, plus β = kl_coeff times the k3 estimate of KL(sampler || policy):
+
+        loss = Σ_t m_t · ( -sg(min(r_t, c)) · A_t · logp_t + β · (r_t - 1 - log r_t) ),  r_t = exp(logp_t - q_t)
+
+    m_t (`sampled_mask`) is 1 on sampled targets. The truncation bounds each token's weight
+    however stale the sampler was (a ratio that overflowed weighs c); the penalty's gradient
+    β·(r_t - 1)·∇logp_t pulls the policy back towards the sampler and vanishes on-policy.
+    """
+    logp, q, adv = b.logprobs, b.inputs[RECORDED_LOGPROBS], b.inputs["advantages"]
+    sampled = b.inputs[SAMPLED_MASK] != 0
+    cap, beta = b.config["clip_high_threshold"], b.config["kl_coeff"]
+    log_ratio = torch.where(sampled, logp - q, _zeros(logp))
+    ratio = torch.exp(log_ratio.detach())
+    weight = ratio.clamp(max=cap)  # finite even where the ratio overflowed
+    token_loss = -torch.where(sampled, weight * adv * logp, _zeros(logp))
+    if beta > 0:
+        # Only here is the ratio exponentiated with a gradient: with β = 0 an overflow is harmless.
+        token_loss = token_loss + beta * (torch.exp(log_ratio) - 1.0 - log_ratio)
+    active = sampled & (adv != 0)
+    return Terms(
+        token_loss,
+        ratio_mean=_per_datum_mean(ratio, active, b, empty=1.0),
+        clip_fraction=_per_datum_mean((ratio > cap).to(ratio.dtype), active, b, empty=0.0),
+    )
+
+
 OBJECTIVES: Mapping[str, Callable[[Batch], Terms]] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
@@ -168,4 +202,5 @@ OBJECTIVES: Mapping[str, Callable[[Batch], Terms]] = {
     "cispo": cispo,
     "dro": dro,
     "gspo": gspo,
+    "stable_reinforce": stable_reinforce,
 }

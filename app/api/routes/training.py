@@ -28,7 +28,7 @@ from app.domain.architectures import lora_refusal
 from app.domain.errors import InvalidInput, NotFound
 from app.domain.ids import parse_tinker_path
 from app.domain.ops import LoraConfig
-from app.queue import checkpoints, submit
+from app.queue import checkpoints, stability, submit
 from app.queue.commit import blocked_message
 from app.queue.submit import Wakeup
 from app.wire import translate
@@ -179,6 +179,15 @@ async def forward_backward(request: Request, state: State, tenant: Tenant) -> di
     # every later op of the run would wait forever for this seq_id.
     if op is None:
         build = _rejected(decoded.error.message if decoded.error is not None else "invalid forward_backward")
+    elif decoded.provenance is not None:
+        provenance = decoded.provenance
+
+        def build(s: DbSession, run: Run) -> BaseModel:
+            # stable_reinforce: the sampling records are read (and their day restarted) in the
+            # transaction that records the op; a bad sequence id fails the op with category user.
+            return stability.with_recorded_inputs(
+                s, tenant=tenant, session_id=run.session_id, op=op, provenance=provenance
+            )
     else:
 
         def build(_s: DbSession, _run: Run) -> BaseModel:
