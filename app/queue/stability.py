@@ -79,8 +79,8 @@ def record_sample(s: DbSession, *, request_id: str, sampler_id: str, payload: by
     return written
 
 
-def use_records(s: DbSession, *, tenant: str, session_id: str, sequence_ids: set[str]) -> dict[str, SequenceRecord]:
-    """The named records, their day restarted; InvalidInput (nothing written) if any is unusable."""
+def load_records(s: DbSession, *, tenant: str, session_id: str, sequence_ids: set[str]) -> dict[str, SequenceRecord]:
+    """The named records; InvalidInput if any is unusable. Reads only: see `restart_day`."""
     if not sequence_ids:
         return {}
     rows = {
@@ -109,11 +109,6 @@ def use_records(s: DbSession, *, tenant: str, session_id: str, sequence_ids: set
                 f"the stability record of sequence_id {sequence_id!r} expired (one day after sampling or after "
                 "the last training request that used it)"
             )
-    s.execute(
-        update(StabilityRecord)
-        .where(StabilityRecord.sequence_id.in_(sorted(sequence_ids)))
-        .values(expires_at=now + RECORD_TTL_SECONDS)
-    )
     return {
         sequence_id: SequenceRecord(
             prompt_len=row.prompt_len,
@@ -122,6 +117,15 @@ def use_records(s: DbSession, *, tenant: str, session_id: str, sequence_ids: set
         )
         for sequence_id, row in rows.items()
     }
+
+
+def restart_day(s: DbSession, sequence_ids: set[str]) -> None:
+    """A training request used these records: each lives one more day from now."""
+    s.execute(
+        update(StabilityRecord)
+        .where(StabilityRecord.sequence_id.in_(sorted(sequence_ids)))
+        .values(expires_at=db_now(s) + RECORD_TTL_SECONDS)
+    )
 
 
 def with_recorded_inputs(
@@ -141,7 +145,7 @@ def with_recorded_inputs(
             "(Datum.with_provenance, with the sequence_id of each sampled sequence)"
         )
     wanted = set().union(*(p.sequence_ids() for p in provenance if p is not None))
-    records = use_records(s, tenant=tenant, session_id=session_id, sequence_ids=wanted)
+    records = load_records(s, tenant=tenant, session_id=session_id, sequence_ids=wanted)
     data = []
     for i, (datum, prov) in enumerate(zip(op.data, provenance, strict=True)):
         assert prov is not None
@@ -161,6 +165,9 @@ def with_recorded_inputs(
         # Sorted names, as the codec builds them: the op's canonical bytes stay canonical.
         merged = {**inputs, **added}
         data.append(datum.model_copy(update={"loss_fn_inputs": {k: merged[k] for k in sorted(merged)}}))
+    # Last, once every datum resolved: a rejected op is recorded in this same transaction, and
+    # must not have restarted anything.
+    restart_day(s, wanted)
     return op.model_copy(update={"data": tuple(data)})
 
 
