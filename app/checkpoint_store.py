@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from app.age_crypto import AGE_SUFFIX, encrypt_file, parse_recipients
 from app.db.engine import Database
 from app.db.models import Checkpoint, Op
 from app.files import fsync_path
@@ -95,9 +96,29 @@ class Pending:
     def final(self) -> Path:
         return self.store.folder(self.storage_path)
 
+    encryption: dict[str, Any] | None = None
+
+    def encrypt(self, recipients: list[str] | tuple[str, ...]) -> int:
+        """Replace every staged file by `<file>.age`, encrypted to `recipients`; return the bytes
+        now stored. Before `seal`, so the manifest lists (and hashes) only the encrypted files.
+        The plaintext exists only in this attempt's hidden staging folder, each file until its
+        encrypted copy is written; a crash in between leaves a staging folder, which the orphan
+        sweep removes."""
+        parsed = parse_recipients(recipients)
+        size = 0
+        for path in sorted(p for p in self.staging.rglob("*") if p.is_file() and not p.is_symlink()):
+            target = path.with_name(path.name + AGE_SUFFIX)
+            encrypt_file(path, target, parsed)
+            path.unlink()
+            size += target.stat().st_size
+        self.encryption = {"scheme": "age", "recipients": list(recipients)}
+        return size
+
     def seal(self, manifest: dict[str, Any]) -> None:
         """Write manifest.json (the given fields, the sha256 of every file) and fsync it all."""
         body = {**manifest, "files": _file_hashes(self.staging)}
+        if self.encryption is not None:
+            body["encryption"] = self.encryption
         (self.staging / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True))
         _fsync_tree(self.staging)
 
@@ -193,6 +214,16 @@ class CheckpointStore:
             if sha256_file(path) != digest:
                 return f"{rel} is corrupt (sha256 mismatch)"
         return None
+
+    def encrypted(self, storage_path: str) -> bool:
+        """Whether the folder's files are age-encrypted (`Pending.encrypt`): then only the `.age`
+        files are the export, and the server itself cannot load them. manifest.json stays plain
+        (it is the store's own record: hashes and writer, never weights)."""
+        try:
+            manifest = json.loads((self.folder(storage_path) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(manifest, dict) and isinstance(manifest.get("encryption"), dict)
 
     # ---- deleting ----------------------------------------------------------------------------
     def remove(self, storage_path: str) -> None:

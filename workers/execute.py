@@ -63,6 +63,8 @@ def write_checkpoint(
     pending = store.begin(run_id, op.checkpoint_kind, name, made_by)
     try:
         size = engine.save_run(run_id, pending.staging, op.checkpoint_kind == "training")
+        if op.age_recipients:
+            size = pending.encrypt(op.age_recipients)
         pending.seal(manifest)
         # A worker paused here (issue 7 item 1) used to find its run's save redone under the same
         # names when it woke; now nobody else can have touched this attempt's folders.

@@ -194,6 +194,17 @@ class SaveWeightsOp(_Frozen):
     ttl_seconds: int | None = None
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None
+    # save_weights_external: age public keys to encrypt every exported file to (app/age_crypto.py).
+    age_recipients: tuple[str, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_no_recipients(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # Left out when empty, so every unencrypted save keeps the canonical bytes, and so the
+        # dedupe hash, it had before the field existed.
+        data: dict[str, object] = handler(self)
+        if not self.age_recipients:
+            data.pop("age_recipients", None)
+        return data
 
 
 class LoadWeightsOp(_Frozen):

@@ -199,7 +199,7 @@ class SaveWeightsExternalRequest(WireModel):
     path: str | None = None
     seq_id: int | None = Field(None, le=2**31 - 1)
     ttl_seconds: int | None = None
-    age_encryption_recipients: list[str] | None = None  # refused: encryption is not supported
+    age_encryption_recipients: list[str] | None = None  # age public keys (app/age_crypto.py)
 
 
 class LoadWeightsRequest(WireModel):

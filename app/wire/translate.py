@@ -165,15 +165,15 @@ def save_weights_external_to_op(req: SaveWeightsExternalRequest) -> SaveWeightsO
     checkpoint whose files are downloaded through signed links (docs/downloads.md)."""
     if not req.path:
         raise InvalidInput("path (the external weights name) is required")
-    if req.age_encryption_recipients:
-        raise InvalidInput(
-            "age_encryption_recipients is not supported by this server: external weights are stored "
-            "unencrypted (omit it, and download over a trusted connection)"
-        )
+    # The keys themselves are parsed by the route (app/age_crypto.py): this layer has no crypto.
+    recipients = tuple(req.age_encryption_recipients or ())
+    if req.age_encryption_recipients is not None and not recipients:
+        raise InvalidInput("age_encryption_recipients must name at least one recipient, or be omitted")
     return SaveWeightsOp(
         checkpoint_kind="external",
         name=validate_checkpoint_name(req.path),
         ttl_seconds=_ttl(req.ttl_seconds),
+        age_recipients=recipients,
     )
 
 

@@ -348,11 +348,15 @@ def test_save_weights_external_is_an_ordered_training_op(api: Api) -> None:
     for seq, (word, fields) in enumerate(refusals.items(), start=2):
         message = api.refused(_save_external(api, model_id, seq, **fields))
         assert word in message, message
-    assert "not supported" in api.refused(
+    assert "not a valid age recipient" in api.refused(
         _save_external(api, model_id, 6, path="enc2", age_encryption_recipients=["ssh-ed25519 AAAA"])
     )
-    # An empty recipient list asks for no encryption; the run's next seq is still accepted.
-    api.queued(api.accepted(_save_external(api, model_id, 7, path="plain", age_encryption_recipients=[])))
+    # An empty list is refused rather than read as "no encryption": a caller whose recipient list
+    # came out empty did ask for encryption. The run's next seq is still accepted.
+    assert "at least one recipient" in api.refused(
+        _save_external(api, model_id, 7, path="none", age_encryption_recipients=[])
+    )
+    api.queued(api.accepted(_save_external(api, model_id, 8, path="plain")))
 
 
 def test_links_use_public_base_url_when_configured(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, Tenant
 from app.api.state import AppState
-from app.checkpoint_store import CheckpointStore
+from app.checkpoint_store import MANIFEST, CheckpointStore
 from app.db.engine import db_now
 from app.domain.errors import InvalidInput, NotFound
 from app.domain.ids import TinkerPath, parse_checkpoint_id
@@ -70,6 +70,14 @@ def _checkpoint_files(folder: Path) -> list[str]:
     return found
 
 
+def _export_files(store: CheckpointStore, storage_path: str) -> list[str]:
+    """What a download offers: the folder's files, except the store's own manifest.json in an
+    age-encrypted export, whose files are then all `<file>.age` (tinker-cookbook's download
+    refuses a file without that suffix when it asked for encryption)."""
+    files = _checkpoint_files(store.folder(storage_path))
+    return [f for f in files if f != MANIFEST] if store.encrypted(storage_path) else files
+
+
 def _readable(state: AppState, tenant: str, run_id: str, segment: str, name: str) -> tuple[Grant, list[str]]:
     """The caller's own or a published checkpoint: an unsigned grant and its files."""
     kind, name = parse_checkpoint_id(f"{segment}/{name}")
@@ -78,8 +86,7 @@ def _readable(state: AppState, tenant: str, run_id: str, segment: str, name: str
     with state.db.read() as s:
         row = checkpoints.resolve(s, tenant, TinkerPath(run_id, kind, name))
         op, storage = row.created_by_op, row.storage_path
-    folder = CheckpointStore(state.settings.resolved_checkpoint_dir()).folder(storage)
-    files = _checkpoint_files(folder)
+    files = _export_files(CheckpointStore(state.settings.resolved_checkpoint_dir()), storage)
     if not files:
         raise NotFound(f"checkpoint {segment}/{name} of {run_id} has no files")
     grant = Grant(run_id=run_id, kind=kind, name=name, op=op, tenant=tenant, file=None, expires=0)
@@ -174,9 +181,10 @@ def _open_grant(state: AppState, grant: Grant) -> _Open:
             or (row.tenant != grant.tenant and not row.public)
         ):
             raise NotFound(f"{label} no longer exists or is no longer shared; this link does not work any more")
-        folder = CheckpointStore(state.settings.resolved_checkpoint_dir()).folder(row.storage_path)
+        store = CheckpointStore(state.settings.resolved_checkpoint_dir())
+        folder, storage = store.folder(row.storage_path), row.storage_path
         mtime = row.created_at
-    names = [grant.file] if grant.file is not None else _checkpoint_files(folder)
+    names = [grant.file] if grant.file is not None else _export_files(store, storage)
     opened = _Open([], mtime)
     try:
         for rel in names:

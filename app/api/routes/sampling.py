@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session as DbSession
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, Tenant, body_as
+from app.api.encrypted_exports import refuse_encrypted
 from app.api.validation import check_sample
 from app.domain.errors import InvalidInput
 from app.domain.ids import parse_tinker_path
@@ -37,6 +38,7 @@ async def create_sampling_session(request: Request, state: State, tenant: Tenant
     def work(s: DbSession) -> tuple[str, list[Wakeup]]:
         if req.model_path:
             ckpt = checkpoints.resolve(s, tenant, parse_tinker_path(req.model_path))
+            refuse_encrypted(state, ckpt, req.model_path)
             if req.base_model and req.base_model != ckpt.base_model:
                 raise InvalidInput(f"{req.model_path} was trained on {ckpt.base_model}, not {req.base_model}")
             base_model = ckpt.base_model

@@ -18,9 +18,11 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session as DbSession
 from starlette.concurrency import run_in_threadpool
 
+from app.age_crypto import parse_recipients
 from app.api.catalog import TokenizerNotReady
 from app.api.decoding import gate_of
 from app.api.deps import State, Tenant, body_as
+from app.api.encrypted_exports import refuse_encrypted
 from app.api.state import AppState
 from app.api.validation import check_forward_backward
 from app.db.models import Run
@@ -287,8 +289,17 @@ async def save_weights_external(request: Request, state: State, tenant: Tenant) 
         tenant,
         SaveWeightsExternalRequest,
         "save_weights",
-        translate.save_weights_external_to_op,
+        _external_to_op,
     )
+
+
+def _external_to_op(req: SaveWeightsExternalRequest) -> BaseModel:
+    """A recipient that is not an age key fails the future (category user) when it is submitted,
+    not after the save has run on a worker."""
+    op = translate.save_weights_external_to_op(req)
+    if op.age_recipients:
+        parse_recipients(op.age_recipients)
+    return op
 
 
 @router.post("/api/v1/load_weights")
@@ -306,6 +317,7 @@ async def load_weights(request: Request, state: State, tenant: Tenant) -> dict[s
         def build(s: DbSession, run: Run) -> BaseModel:
             op = translate.load_weights_to_op(req)
             ckpt = checkpoints.resolve(s, tenant, parse_tinker_path(op.path))
+            refuse_encrypted(state, ckpt, op.path)
             if ckpt.base_model != run.base_model:
                 raise InvalidInput(f"{op.path} was trained on {ckpt.base_model}, this run uses {run.base_model}")
             if ckpt.lora_config.get("rank") != run.lora_config.get("rank"):
@@ -327,6 +339,7 @@ async def load_weights(request: Request, state: State, tenant: Tenant) -> dict[s
 
     def work(s: DbSession) -> tuple[tuple[str, str], list[Wakeup]]:
         ckpt = checkpoints.resolve(s, tenant, parse_tinker_path(op.path))
+        refuse_encrypted(state, ckpt, op.path)
         if req.base_model and req.base_model != ckpt.base_model:
             raise InvalidInput(f"{op.path} was trained on {ckpt.base_model}, not {req.base_model}")
         if op.with_optimizer and not ckpt.with_optimizer:
