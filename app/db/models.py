@@ -119,6 +119,9 @@ class Op(Base):
             postgresql_where=text("result IS NOT NULL"),
             sqlite_where=text("result IS NOT NULL"),
         ),
+        # The audit log's and the usage report's per-tenant time windows (migration 0006).
+        Index("ix_ops_tenant_created_at", "tenant", "created_at"),
+        Index("ix_ops_tenant_finished_at", "tenant", "finished_at"),
         Index(
             "ix_ops_sample_unpruned",
             "delivered_at",
@@ -150,6 +153,11 @@ class Op(Base):
     # forward_backward: the micro-batch budget it ran with; a replay after a crash uses the same
     # split, because the split decides the float rounding of the gradients (docs/reliability.md).
     micro_batch_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Usage (docs/audit-and-usage.md), kept here because payloads and results are pruned: input
+    # tokens (forward_backward's data, a sample's prompt) set at submission, output tokens (every
+    # sampled sequence) when a sample commits. None: not counted (ops of older releases, others).
+    input_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    output_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_category: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

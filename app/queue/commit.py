@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_now
 from app.db.models import Op, Run
+from app.domain.usage import sample_counts
 
 
 class Fenced(Exception):
@@ -100,6 +101,7 @@ def commit_sample(s: DbSession, *, worker_id: str, request_id: str, outcome: Out
             error_category=outcome.error_category,
             finished_at=db_now(s),
             claim_expires_at=None,
+            **sample_counts(outcome.result),
         )
     )
     if recorded.rowcount != 1:  # type: ignore[attr-defined]

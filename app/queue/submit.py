@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_now
 from app.db.models import Op, Run, Sampler, Session, Worker
-from app.domain import ids
+from app.domain import ids, usage
 from app.domain.errors import Conflict, NotFound, SessionFinished
 from app.domain.ops import MUTATING_KINDS, LoraConfig, SampleOp, canonical_bytes, op_sha256
 from app.domain.results import CreateModelResult, result_bytes
@@ -234,6 +234,7 @@ def submit_run_op(
         mutates=kind in MUTATING_KINDS and not getattr(op, "forward_only", False) and not rejected,
         request_sha256=digest,
         payload=payload,
+        input_tokens=usage.input_tokens(op),
         status="failed" if rejected else "queued",
         attempt=0,
         error_message=rejected,
@@ -281,6 +282,7 @@ def sample_row(s: DbSession, tenant: str, op: BaseModel, sampler_id: str | None 
         mutates=False,
         request_sha256=op_sha256(op),
         payload=canonical_bytes(op),
+        input_tokens=usage.input_tokens(op),
         status="queued",
         attempt=0,
         created_at=db_now(s),
