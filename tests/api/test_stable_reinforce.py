@@ -48,16 +48,27 @@ def _sample_body(sampler_id: str, record: bool, seq: int) -> dict[str, Any]:
     }
 
 
-def _sample_as_worker(api: Api, sampler_id: str, record: bool = True, seq: int = 0) -> list[str]:
+def _sample_as_worker(
+    api: Api,
+    sampler_id: str,
+    record: bool = True,
+    seq: int = 0,
+    prompt: list[int] = PROMPT,
+    sampled: list[list[int]] = SAMPLED,
+    logprobs: list[list[float]] = LOGPROBS,
+) -> list[str]:
     """asample, then what the runner does when the sample finishes: its records, written in the
     commit's transaction (workers/runner.py)."""
-    r = api.post("/api/v1/asample", _sample_body(sampler_id, record, seq))
+    body = _sample_body(sampler_id, record, seq)
+    body["prompt"] = {"chunks": [{"type": "encoded_text", "tokens": prompt}]}
+    body["num_samples"] = len(sampled)
+    r = api.post("/api/v1/asample", body)
     request_id = api.accepted(r)
     ids = r.json()["sample_sequence_ids"]
     result = SampleResult(
         sequences=tuple(
             SampledSequence(tokens=tuple(t), logprobs=tuple(lp), stop_reason="length")
-            for t, lp in zip(SAMPLED, LOGPROBS, strict=True)
+            for t, lp in zip(sampled, logprobs, strict=True)
         )
     )
     with api.db.write() as s:
@@ -212,3 +223,49 @@ def test_the_sweeper_deletes_expired_records(api: Api) -> None:
     with api.db.read() as s:
         left = set(s.execute(select(StabilityRecord.sequence_id).where(StabilityRecord.sequence_id.in_(ids))).scalars())
     assert left == {ids[1]}
+
+
+def test_a_multi_turn_datum_names_two_sequences(api: Api) -> None:
+    """tinker-cookbook's rl/data_processing: turn 2's prompt is turn 1's prompt, its answer and a
+    new observation; one datum covers both turns, each run naming the request it came from."""
+    session_id = api.session()
+    model_id = str(api.create_model(session_id).json()["model_id"])
+    sampler_id = _sampling_session(api, session_id)
+    (first,) = _sample_as_worker(api, sampler_id, sampled=[SAMPLED[0]], logprobs=[LOGPROBS[0]])
+    turn2_prompt = [*PROMPT, *SAMPLED[0], 9]
+    (second,) = _sample_as_worker(
+        api, sampler_id, seq=1, prompt=turn2_prompt, sampled=[[31, 32]], logprobs=[[-0.25, -1.5]]
+    )
+    full = [*turn2_prompt, 31, 32]
+    n = len(full) - 1
+    sampled_targets = set(range(len(PROMPT) - 1, len(PROMPT) + 2)) | {n - 2, n - 1}
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(full[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(data=full[1:], dtype="int64", shape=[n]),
+            "advantages": types.TensorData(
+                data=[1.0 if t in sampled_targets else 0.0 for t in range(n)], dtype="float32", shape=[n]
+            ),
+        },
+    ).with_provenance(
+        model_input=[
+            types.PromptProvenanceSpan(sequence_id=first, length=len(PROMPT)),
+            types.SampledProvenanceSpan(sequence_id=first, length=3),
+            types.PromptProvenanceSpan(sequence_id=second, offset=len(turn2_prompt) - 1, length=1),
+            types.SampledProvenanceSpan(sequence_id=second, length=1),
+        ],
+        loss_fn_inputs=[
+            types.PromptProvenanceSpan(sequence_id=first, offset=1, length=len(PROMPT) - 1),
+            types.SampledProvenanceSpan(sequence_id=first, length=3),
+            types.PromptProvenanceSpan(sequence_id=second, offset=len(turn2_prompt) - 1, length=1),
+            types.SampledProvenanceSpan(sequence_id=second, length=2),
+        ],
+    )
+    request_id = _submit(api, model_id, [datum])
+    api.queued(request_id)
+    with api.db.read() as s:
+        op = parse_op(s.execute(select(Op.payload).where(Op.request_id == request_id)).scalar_one())
+    assert isinstance(op, ForwardBackwardOp)
+    (d,) = op.data
+    assert d.loss_fn_inputs[SAMPLED_MASK].tolist() == [1.0 if t in sampled_targets else 0.0 for t in range(n)]
+    assert d.loss_fn_inputs[RECORDED_LOGPROBS].tolist() == [0.0] * 3 + LOGPROBS[0] + [0.0, -0.25, -1.5]
