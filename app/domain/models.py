@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict
 
 BUILTIN_TINY_MODEL = "tuft/tiny-qwen3"
 BUILTIN_TINY_PATH = "builtin:tiny-qwen3"
-# Qwen3's padded vocabulary size: the Qwen BPE has 151,643 ranks + 208 special tokens, and the
+# Qwen3's padded vocabulary size: the Qwen BPE has 151,643 ranks + 26 added tokens, and the
 # embedding matrix is padded to a multiple of 128.
 TINY_VOCAB_SIZE = 151_936
 TINY_MAX_MODEL_LEN = 2048

@@ -18,7 +18,7 @@ from workers.engine import OpInputError, TorchEngine, build_tiny_model
 
 PROMPT = (9707, 1879, 0, 220, 3838, 374, 279)  # "Hello world! What is the"
 P = len(PROMPT)
-TOKENIZER_IDS = 151_851  # ids past this are vocabulary padding rows, never sampled
+TOKENIZER_IDS = 151_669  # ids past this are vocabulary padding rows, never sampled
 
 FullLogprobs = Callable[[Sequence[int]], torch.Tensor]
 

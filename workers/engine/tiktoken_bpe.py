@@ -11,6 +11,7 @@ two parts, and that pair, listed in rank order, is the HF merge with the same pr
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -62,10 +63,15 @@ def _last_merge(token: bytes, ranks: dict[bytes, int], below: int) -> tuple[byte
     return parts[0], parts[1]
 
 
-def build_bpe_tokenizer(ranks: dict[bytes, int], pattern: str, special_tokens: list[tuple[int, str]]) -> Tokenizer:
+def build_bpe_tokenizer(
+    ranks: dict[bytes, int], pattern: str, added_tokens: Sequence[tuple[int, str, bool]]
+) -> Tokenizer:
     """Build an HF `Tokenizer` that encodes exactly like `tiktoken.Encoding(pattern, ranks, specials)`.
 
-    Special tokens must have consecutive ids starting right after the last rank (true for Qwen).
+    `added_tokens` are (id, text, special); their ids must be consecutive, starting right after the
+    last rank (true for Qwen). Every one of them is matched whole in the text, as tiktoken's
+    `allowed_special="all"` does; `special` only says whether `decode(skip_special_tokens=True)`
+    drops it.
     """
     table = byte_to_unicode_table()
 
@@ -92,9 +98,13 @@ def build_bpe_tokenizer(ranks: dict[bytes, int], pattern: str, special_tokens: l
     tokenizer.decoder = decoders.ByteLevel()
 
     next_id = len(vocab)
-    for token_id, text in sorted(special_tokens):
+    for token_id, text, special in sorted(added_tokens):
         if token_id != next_id:
-            raise ValueError(f"special token {text} has id {token_id}, expected {next_id}")
-        tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+            raise ValueError(f"added token {text} has id {token_id}, expected {next_id}")
+        added = AddedToken(text, special=special, normalized=False)
+        if special:
+            tokenizer.add_special_tokens([added])
+        else:
+            tokenizer.add_tokens([added])
         next_id += 1
     return tokenizer

