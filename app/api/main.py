@@ -20,7 +20,7 @@ from app.api.catalog import ModelCatalog
 from app.api.decoding import RETRY_AFTER_SECONDS, DecodeBusy, DecodeGate
 from app.api.longpoll import FuturePoller
 from app.api.proxy import ForwardedHeaders
-from app.api.routes import checkpoints, client, downloads, futures, oai, rest, sampling, sessions, training
+from app.api.routes import audit, checkpoints, client, downloads, futures, oai, rest, sampling, sessions, training
 from app.api.state import AppState
 from app.auth import KeyResolver
 from app.config import Settings
@@ -203,7 +203,7 @@ def create_app(
 
     app = FastAPI(title="TuFT", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (client, sessions, training, sampling, futures, rest, checkpoints, downloads, oai):
+    for module in (client, sessions, training, sampling, futures, rest, checkpoints, downloads, oai, audit):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(ForwardedHeaders, proxies=settings.trusted_proxies)
