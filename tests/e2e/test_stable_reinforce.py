@@ -102,3 +102,48 @@ def test_cookbook_rl_loop_flow_with_stable_reinforce(embedded_server: LiveServer
     ).result(timeout=60)
     with pytest.raises(tinker.RequestFailedError, match="no stability record"):
         training.forward_backward([_datum(unrecorded.sequences[0], 1.0)], "stable_reinforce").result(timeout=60)
+
+
+def test_cookbook_multi_turn_data_trains_with_stable_reinforce(embedded_server: LiveServer) -> None:
+    """tinker-cookbook 0.6.1's own code builds the data: its TinkerTokenCompleter (which keeps each
+    sample's sequence_id) plays two turns, and rl.data_processing.trajectory_to_data merges them
+    into one datum with provenance naming both sequences, as its async RL does."""
+    pytest.importorskip("tinker_cookbook", reason="tinker-cookbook is not installed here (make cookbook)")
+    import asyncio
+    import dataclasses
+
+    from tinker_cookbook.completers import TinkerTokenCompleter
+    from tinker_cookbook.rl.data_processing import trajectory_to_data
+    from tinker_cookbook.rl.types import Trajectory, Transition
+
+    training = new_training(client_for(embedded_server))
+    sampler = resolved(training.save_weights_and_get_sampling_client(record_stability_info=True))
+    completer = TinkerTokenCompleter(sampling_client=sampler, max_tokens=3)
+    ob1 = types.ModelInput.from_ints(PROMPT)
+    ac1 = asyncio.run(completer(ob1, []))
+    ob2 = types.ModelInput.from_ints([*PROMPT, *ac1.tokens, 9])
+    ac2 = asyncio.run(completer(ob2, []))
+    assert ac1.sequence_id and ac2.sequence_id and ac1.sequence_id != ac2.sequence_id
+    trajectory = Trajectory(
+        transitions=[
+            Transition(ob=ob1, ac=ac1, reward=0.0, episode_done=False),
+            Transition(ob=ob2, ac=ac2, reward=1.0, episode_done=True),
+        ],
+        final_ob=types.ModelInput.from_ints([]),
+    )
+    (datum,) = trajectory_to_data(trajectory, traj_advantage=0.75)
+    assert datum.loss_fn_input_spans is not None
+    assert {span.sequence_id for span in datum.loss_fn_input_spans} == {ac1.sequence_id, ac2.sequence_id}
+    # The cookbook's train step drops its "mask" input before sending (rl/train.py::_remove_mask).
+    datum = dataclasses.replace(datum, loss_fn_inputs={k: v for k, v in datum.loss_fn_inputs.items() if k != "mask"})
+
+    result = training.forward_backward([datum], "stable_reinforce").result(timeout=60)
+    lp = result.loss_fn_outputs[0]["logprobs"].to_torch()
+    adv = torch.tensor(datum.loss_fn_inputs["advantages"].data)
+    sampled = adv != 0  # the cookbook puts the advantage on exactly the sampled targets here
+    q = torch.tensor(datum.loss_fn_inputs["logprobs"].data)  # the sampler's logprobs, as recorded
+    assert int(sampled.sum()) == len(ac1.tokens) + len(ac2.tokens)
+    r = torch.exp(lp - q)[sampled]
+    want = float((-torch.clamp(r, max=2.0) * adv[sampled] * lp[sampled]).sum())
+    assert result.metrics["loss:sum"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert result.metrics["ratio_mean:mean"] == pytest.approx(1.0, abs=1e-3)
