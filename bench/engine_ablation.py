@@ -6,7 +6,8 @@ stacked, beside the naive loop, in one process (bench/train_compare.py builds th
 Variants (cumulative, in this order): the engine with an explicit attention mask (as before);
 the engine as configured; without deterministic kernels;
 with Liger's RMSNorm / SwiGLU / RoPE kernels patched into the model; with TF32 for the float32 LoRA
-matmuls. `--profile` prints the top CUDA kernels of the naive loop and of the last variant.
+matmuls; under bf16 autocast; (--compile) with each decoder layer compiled.
+`--profile` prints the top CUDA kernels of the naive loop and of the last variant.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--quick", action="store_true", help="skip the masked and TF32 variants")
+    p.add_argument("--compile", action="store_true", help="also torch.compile each decoder layer")
     p.add_argument("--out", default="")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in item.lower().split("x")) for item in args.op.split(",")]
@@ -131,6 +133,25 @@ def main() -> None:
     if not args.quick:
         torch.backends.cuda.matmul.allow_tf32 = True
         measure("engine-nondet-liger-tf32", step)
+
+    def autocast_step(n: int, seq: int) -> Any:
+        def run() -> Any:
+            # The float32 LoRA matmuls in bf16 (weights, optimizer and gradients stay float32).
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return engine.forward_backward("bench", ops[(n, seq)])
+
+        return run
+
+    measure("engine-nondet-liger-autocast", autocast_step)
+    if args.compile:
+        try:
+            decoder = engine._slots[args.shape].loaded.model.get_decoder()
+            for layer in decoder.layers:
+                layer.compile(dynamic=True)
+            measure("engine-nondet-liger-autocast-compile", autocast_step)
+        except Exception as exc:  # an experiment: report, don't lose the rows above
+            print("compile failed:", type(exc).__name__, str(exc)[:500], flush=True)
+    step = autocast_step
     if args.profile:
         profile(step(*shapes[0]), "engine (last variant)")
     if args.out:

@@ -8,6 +8,7 @@ from typing import Literal
 
 CheckpointingPolicy = Literal["auto", "on", "off"]
 KernelPolicy = Literal["auto", "liger", "torch"]
+BatchRunsPolicy = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,22 @@ class EngineConfig:
     kernels: "auto" patches Liger-Kernel's fused RMSNorm / SwiGLU / RoPE into a model loaded on
     CUDA when the package is installed and knows the model type (kernels.py); "liger" requires it;
     "torch" keeps the model's own modules.
+
+    batch_runs: whether forward_backward_many gives ops of different runs on one base model one
+    pass (multi_run.py): "auto" on CUDA only (engine.batches_runs says why), "on" / "off" force it.
     """
 
     micro_batch_tokens: int | None = None
     activation_checkpointing: CheckpointingPolicy = "auto"
     kernels: KernelPolicy = "auto"
+    batch_runs: BatchRunsPolicy = "auto"
 
     def __post_init__(self) -> None:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens must be >= 1 or auto, got {self.micro_batch_tokens}")
         if self.activation_checkpointing not in ("auto", "on", "off"):
             raise ValueError(f"activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}")
+        if self.batch_runs not in ("auto", "on", "off"):
+            raise ValueError(f"batch_runs must be auto, on or off, got {self.batch_runs!r}")
         if self.kernels not in ("auto", "liger", "torch"):
             raise ValueError(f"kernels must be auto, liger or torch, got {self.kernels!r}")

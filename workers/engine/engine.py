@@ -32,8 +32,10 @@ from workers.engine.config import EngineConfig
 from workers.engine.determinism import configure_determinism
 from workers.engine.errors import OpInputError, translate_device_errors
 from workers.engine.kernels import apply_fused_kernels
+from workers.engine.lora_rows import RowRouter
 from workers.engine.losses import prepare_data, run_loss
 from workers.engine.microbatch import MicroBatcher, Report
+from workers.engine.multi_run import RunBatch, run_together, shareable
 from workers.engine.optim import adam_step, new_optimizer, validate_adam
 from workers.engine.sampling import resolve_max_tokens, sample
 
@@ -89,6 +91,8 @@ class _Slot:
     samplers: OrderedDict[tuple[str, int, int], str]
     # forward_backward's micro-batching; remembers the budget that worked on this model.
     batcher: MicroBatcher
+    # Routes rows of a multi-run forward_backward through their runs' adapters (lora_rows.py).
+    router: RowRouter
     # Monotonic time of the last call that used the model: an idle model with no run on it is
     # unloaded (unload_idle_models), so a worker does not keep every model it ever served.
     last_used: float = 0.0
@@ -145,6 +149,7 @@ class TorchEngine:
                 host=AdapterHost(loaded.model),
                 samplers=OrderedDict(),
                 batcher=MicroBatcher(loaded.model, self._device, self._config),
+                router=RowRouter(loaded.model),
             )
             self._slots[base_model] = slot
         slot.last_used = time.monotonic()
@@ -249,6 +254,11 @@ class TorchEngine:
 
         micro_batch_tokens: plan the micro-batches with this budget instead of the configured or
         memory-derived one (a replay passes what `micro_batch_tokens(run_id)` said the first time)."""
+        return self._forward_backward(run_id, op, micro_batch_tokens)
+
+    def _forward_backward(
+        self, run_id: str, op: ForwardBackwardOp, micro_batch_tokens: int | None = None
+    ) -> ForwardBackwardResult:
         run = self._run(run_id)
         slot = self._slot(run.base_model)
         data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
@@ -258,6 +268,59 @@ class TorchEngine:
         assert slot.batcher.last is not None
         run.micro_batch_tokens = slot.batcher.last.budget_tokens
         return result
+
+    @_serialised
+    def forward_backward_many(
+        self, items: list[tuple[str, ForwardBackwardOp]]
+    ) -> list[ForwardBackwardResult | OpInputError]:
+        """forward_backward for ops of different runs, one outcome per op in order: its result, or
+        the OpInputError it failed with (that op changed nothing; the others are unaffected).
+
+        Ops of runs on one base model with the same loss, config and forward_only go through one
+        pass, each row with its own run's adapter (multi_run.py), when `batches_runs()`; the rest,
+        and every op of a batch in which one op failed, run one by one as forward_backward would.
+        Each run's gradients and results are those it would get alone, within the float rounding
+        of the shared matmuls."""
+        outcomes: list[ForwardBackwardResult | OpInputError | None] = [None] * len(items)
+        groups: dict[tuple[str, bool], list[tuple[int, RunBatch]]] = {}
+        for index, (run_id, op) in enumerate(items):
+            run = self._run(run_id)
+            slot = self._slot(run.base_model)
+            try:
+                prepared = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
+            except OpInputError as exc:
+                outcomes[index] = exc
+                continue
+            groups.setdefault((run.base_model, op.forward_only), []).append((index, RunBatch(run.adapter, prepared)))
+        for (base_model, forward_only), members in groups.items():
+            slot = self._slots[base_model]
+            batches = [member for _, member in members]
+            together = self.batches_runs() and len(members) > 1 and shareable(batches) and slot.router.supported()
+            if together:
+                try:
+                    results = run_together(slot.loaded.model, slot.router, slot.batcher, batches, forward_only)
+                except OpInputError:
+                    together = False  # rolled back whole: each op runs again alone below
+                else:
+                    budget = slot.batcher.last.budget_tokens if slot.batcher.last else None
+                    for (index, _), result in zip(members, results, strict=True):
+                        outcomes[index] = result
+                        self._run(items[index][0]).micro_batch_tokens = budget
+            if not together:
+                for index, _ in members:
+                    try:
+                        outcomes[index] = self._forward_backward(*items[index])
+                    except OpInputError as exc:
+                        outcomes[index] = exc
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def batches_runs(self) -> bool:
+        """Whether forward_backward_many shares passes between runs. "auto": on CUDA, where a pass
+        of many short ops costs little more than one; on the CPU each op runs alone, so a replay
+        after a crash, which runs ops one by one, reproduces the served result bit for bit there."""
+        if self._config.batch_runs == "auto":
+            return self._device.type == "cuda"
+        return self._config.batch_runs == "on"
 
     @_serialised
     def micro_batch_tokens(self, run_id: str) -> int | None:

@@ -8,7 +8,10 @@ chunk's logits instead of keeping them all alive.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -57,11 +60,20 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, vocab_size))
 
 
-def target_logprobs(model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets[i] | hidden[i]) for flat hidden [M, H] and targets [M]; float32 [M]."""
+def target_logprobs(
+    model: PreTrainedModel,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for flat hidden [M, H] and targets [M]; float32 [M].
+
+    head_context: entered around every projection, also the one recomputed in backward (a run's
+    adapter routing in a multi-run batch, lora_rows.py), which runs after this call has returned."""
 
     def chunk_fn(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logprobs = F.log_softmax(project(model, h), dim=-1)
+        with head_context():
+            logprobs = F.log_softmax(project(model, h), dim=-1)
         return logprobs.gather(-1, t.unsqueeze(-1)).squeeze(-1)
 
     step = chunk_tokens(model.get_output_embeddings().weight.shape[0])

@@ -8,8 +8,13 @@ entropy and the RL losses) are in rl_losses.py; docs/losses.md documents them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +34,7 @@ from app.domain.tensors import Array
 from workers.engine import rl_losses
 from workers.engine.errors import OpInputError
 from workers.engine.logits import decoder_hidden, target_logprobs
+from workers.engine.lora_rows import routed
 from workers.engine.microbatch import MicroBatcher
 
 # Array data is little-endian whatever the host's byte order (app/domain/tensors.py).
@@ -157,19 +163,46 @@ def run_loss(
     before its backward pass, and the gradients of earlier micro-batches are rolled back: the run's
     state is as before the op. With forward_only the values are reported as they are.
     """
-    data = batch.data
-    outputs: list[torch.Tensor | None] = [None] * len(data)
-    losses = [0.0] * len(data)
-    stats: dict[str, list[float]] = {"ratio_mean": [0.0] * len(data), "clip_fraction": [0.0] * len(data)}
+    per = run_datums(model, batch, forward_only, batcher, budget)
+    return assemble(batch.loss_fn, per, range(len(batch.data)))
+
+
+@dataclass
+class DatumResults:
+    """Per datum of a batch: its logprobs, its loss and its ratio statistics."""
+
+    outputs: list[torch.Tensor | None]
+    losses: list[float]
+    stats: dict[str, list[float]]
+
+
+def run_datums(
+    model: PreTrainedModel,
+    batch: PreparedBatch,
+    forward_only: bool,
+    batcher: MicroBatcher,
+    budget: int | None = None,
+    adapter_of: Sequence[str] | None = None,
+) -> DatumResults:
+    """run_loss's work, without reducing it to one result. `adapter_of` (multi_run.py): the LoRA
+    adapter each datum goes through, inside a RowRouter.batch; None: the active adapter."""
+    n = len(batch.data)
+    per = DatumResults([None] * n, [0.0] * n, {"ratio_mean": [0.0] * n, "clip_fraction": [0.0] * n})
 
     def step(group: list[int]) -> None:
-        _micro_batch(model, batch, group, forward_only, outputs, losses, stats)
+        _micro_batch(model, batch, group, forward_only, per, adapter_of)
 
-    batcher.run([d.tokens.shape[0] for d in data], step, forward_only, budget)
-    metrics = {"loss:sum": _sum(losses)}
-    for key in rl_losses.EXTRA_METRICS[batch.loss_fn]:
+    batcher.run([d.tokens.shape[0] for d in batch.data], step, forward_only, budget)
+    return per
+
+
+def assemble(loss_fn: str, per: DatumResults, indices: Sequence[int]) -> ForwardBackwardResult:
+    """One op's result from the datums at `indices` (in the op's order)."""
+    metrics = {"loss:sum": _sum([per.losses[i] for i in indices])}
+    for key in rl_losses.EXTRA_METRICS[loss_fn]:
         # Means over datums, so the SDK's datum-weighted merge of chunked requests stays exact.
-        metrics[key] = _sum(stats[key.split(":")[0]]) / len(data)
+        metrics[key] = _sum([per.stats[key.split(":")[0]][i] for i in indices]) / len(indices)
+    outputs = [per.outputs[i] for i in indices]
     return ForwardBackwardResult(
         outputs=tuple({"logprobs": _to_array(lp)} for lp in outputs if lp is not None),
         metrics=metrics,
@@ -181,9 +214,8 @@ def _micro_batch(
     batch: PreparedBatch,
     group: list[int],
     forward_only: bool,
-    outputs: list[torch.Tensor | None],
-    losses: list[float],
-    stats: dict[str, list[float]],
+    per: DatumResults,
+    adapter_of: Sequence[str] | None = None,
 ) -> None:
     """One micro-batch: datums right-padded into rows. Writes the datums' logprobs, loss and ratio
     statistics at their indices.
@@ -191,9 +223,26 @@ def _micro_batch(
     No attention mask: in a causal decoder a real position attends only to earlier positions, all
     real, so right padding cannot reach it (position ids are 0.. either way). An explicit mask
     would also cost speed: SDPA then cannot take its causal flash kernel and falls back to one that
-    reads a [rows, 1, T, T] mask (bench/engine_ablation.py)."""
+    reads a [rows, 1, T, T] mask (bench/engine_ablation.py).
+
+    With `adapter_of`, rows are ordered run by run (stable; the padded width is the same), the
+    decoder runs routed by row segments and each run's tokens are projected through its own
+    unembedding adapter (lora_rows.py); the context stays open across the backward, which may
+    recompute layers."""
     data = batch.data
     device = next(model.parameters()).device
+    rows_context: AbstractContextManager[Any] = contextlib.nullcontext()
+    runs: list[tuple[str, int]] = []  # (adapter, tokens) in row order
+    if adapter_of is not None:
+        first_seen = {name: k for k, name in enumerate(dict.fromkeys(adapter_of[i] for i in group))}
+        group = sorted(group, key=lambda i: first_seen[adapter_of[i]])
+        segments, row = [], 0
+        for name in first_seen:
+            count = sum(1 for i in group if adapter_of[i] == name)
+            segments.append((name, row, row + count))
+            runs.append((name, sum(data[i].tokens.shape[0] for i in group if adapter_of[i] == name)))
+            row += count
+        rows_context = routed(segments)
     lengths = [data[i].tokens.shape[0] for i in group]
     width = max(lengths)
     ids = torch.zeros(len(group), width, dtype=torch.int64)
@@ -201,25 +250,36 @@ def _micro_batch(
     for row, i in enumerate(group):
         ids[row, : lengths[row]] = data[i].tokens
         mask[row, : lengths[row]] = 1
-    hidden = decoder_hidden(model, ids.to(device))
-    valid = mask.to(device).bool()
-    targets = torch.cat([data[i].targets for i in group]).to(device)
-    # Boolean indexing walks rows in order, so the flat tokens are datum after datum.
-    logprobs = target_logprobs(model, hidden[valid], targets)
-    terms = rl_losses.OBJECTIVES[batch.loss_fn](
-        rl_losses.Batch(
-            logprobs=logprobs,
-            inputs={
-                name: torch.cat([data[i].inputs[name] for i in group]).to(device) for name in data[group[0]].inputs
-            },
-            segment=torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths)).to(device),
-            datums=len(group),
-            config=batch.config,
+    with rows_context:
+        hidden = decoder_hidden(model, ids.to(device))
+        valid = mask.to(device).bool()
+        targets = torch.cat([data[i].targets for i in group]).to(device)
+        # Boolean indexing walks rows in order, so the flat tokens are datum after datum.
+        flat_hidden = hidden[valid]
+        if adapter_of is None:
+            logprobs = target_logprobs(model, flat_hidden, targets)
+        else:
+            pieces, start = [], 0
+            for name, count in runs:
+                head = functools.partial(routed, [(name, 0, count)])
+                end = start + count
+                pieces.append(target_logprobs(model, flat_hidden[start:end], targets[start:end], head))
+                start = end
+            logprobs = torch.cat(pieces)
+        terms = rl_losses.OBJECTIVES[batch.loss_fn](
+            rl_losses.Batch(
+                logprobs=logprobs,
+                inputs={
+                    name: torch.cat([data[i].inputs[name] for i in group]).to(device) for name in data[group[0]].inputs
+                },
+                segment=torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths)).to(device),
+                datums=len(group),
+                config=batch.config,
+            )
         )
-    )
-    loss = terms.token_loss.sum()
-    if not forward_only:
-        loss.backward()
+        loss = terms.token_loss.sum()
+        if not forward_only:
+            loss.backward()
     # One device-to-host copy for the whole micro-batch (logprobs, each datum's loss, the total),
     # read after the backward was queued: reading the loss first made the CPU wait for the forward
     # before it could launch a single backward kernel, and a copy per datum waited once per datum.
@@ -231,12 +291,12 @@ def _micro_batch(
         raise OpInputError(_non_finite_message(batch.loss_fn, terms.token_loss, group, lengths))
     flat = len(logprobs)
     for row, (i, piece) in enumerate(zip(group, host[:flat].split(lengths), strict=True)):
-        outputs[i] = piece
-        losses[i] = float(host[flat + row])
+        per.outputs[i] = piece
+        per.losses[i] = float(host[flat + row])
     for name, values in (("ratio_mean", terms.ratio_mean), ("clip_fraction", terms.clip_fraction)):
         if values is not None:
             for i, value in zip(group, values.tolist(), strict=True):
-                stats[name][i] = value
+                per.stats[name][i] = value
 
 
 def _sum(values: list[float]) -> float:
