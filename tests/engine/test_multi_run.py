@@ -11,7 +11,7 @@ import torch
 from app.domain.models import builtin_tiny_spec
 from app.domain.ops import AdamParams, Datum, ForwardBackwardOp, OptimStepOp
 from app.domain.tensors import Array
-from tests.engine.helpers import DEVICE, TINY, datum, fb, lora
+from tests.engine.helpers import DEVICE, ON_GPU, TINY, datum, fb, lora, ref_tol
 from workers.engine import EngineConfig, TorchEngine
 from workers.engine.errors import OpInputError
 
@@ -39,6 +39,20 @@ def _ops() -> list[tuple[str, ForwardBackwardOp]]:
     ]
 
 
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> None:
+    """Within float32 rounding on the CPU; on a GPU (bf16 base weights, other kernels for other
+    shapes) the same direction and size, which a row through the wrong adapter would not have."""
+    if not ON_GPU:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        return
+    g, w = got.flatten().double(), want.flatten().double()
+    if w.norm() == 0:
+        assert g.norm() <= 1e-6
+        return
+    assert torch.nn.functional.cosine_similarity(g, w, dim=0) > 0.99
+    assert abs(float(g.norm() / w.norm()) - 1) < 0.05
+
+
 def _logprobs(result: object) -> list[list[float]]:
     return [list(out["logprobs"].tolist()) for out in result.outputs]  # type: ignore[attr-defined]
 
@@ -58,8 +72,8 @@ def test_each_run_gets_the_results_it_would_get_alone(together_and_alone) -> Non
         assert len(b.outputs) == len(op.data)
         for lb, ls, d in zip(_logprobs(b), _logprobs(s), op.data, strict=True):
             assert len(lb) == len(d.tokens)
-            assert lb == pytest.approx(ls, abs=1e-5)
-        assert b.metrics["loss:sum"] == pytest.approx(s.metrics["loss:sum"], rel=1e-5)
+            assert lb == pytest.approx(ls, abs=ref_tol(1e-5))
+        assert b.metrics["loss:sum"] == pytest.approx(s.metrics["loss:sum"], rel=1e-2 if ON_GPU else 1e-5)
     # The runs' adapters differ, so a row sent through the wrong adapter would show here.
     assert batched[0].metrics["loss:sum"] != pytest.approx(batched[2].metrics["loss:sum"], rel=1e-3)
 
@@ -72,7 +86,7 @@ def test_each_run_gets_only_its_own_gradients(together_and_alone) -> None:
         for key, g in got.items():
             assert g is not None and want[key] is not None, key
             # The sums over rows run in another order (other padding, other matmul shapes).
-            torch.testing.assert_close(g, want[key], rtol=1e-4, atol=1e-5)
+            _close(g, want[key], rtol=1e-4, atol=1e-5)
         assert any(bool(g.abs().sum() > 0) for g in got.values() if g is not None)
 
 
@@ -85,7 +99,7 @@ def test_then_each_run_steps_and_keeps_learning(together_and_alone) -> None:
         for key, w in together.adapter_state(run).items():
             # Adam divides by sqrt(v): near-zero gradients amplify their rounding; 1e-4 is 0.2%
             # of one step at lr 0.05, where a wrong adapter would be off by whole steps.
-            torch.testing.assert_close(w, alone.adapter_state(run)[key], rtol=1e-3, atol=1e-4)
+            _close(w, alone.adapter_state(run)[key], rtol=1e-3, atol=1e-4)
     # A few more batched steps on the same data: every run's own loss goes down.
     first = [r.metrics["loss:sum"] for r in together.forward_backward_many(_ops())]
     for run in RUNS:
@@ -118,6 +132,8 @@ def test_an_op_that_fails_mid_pass_fails_alone_and_the_others_are_served(cache_d
     assert together.adapter_grads("b") == alone.adapter_grads("b")  # none: nothing was applied to b
     singles = alone.forward_backward_many(ops)
     for k in (0, 2):
-        assert results[k].metrics["loss:sum"] == pytest.approx(singles[k].metrics["loss:sum"], rel=1e-6)
+        assert results[k].metrics["loss:sum"] == pytest.approx(
+            singles[k].metrics["loss:sum"], rel=1e-2 if ON_GPU else 1e-6
+        )
         for key, g in together.adapter_grads(RUNS[k]).items():
-            torch.testing.assert_close(g, alone.adapter_grads(RUNS[k])[key], rtol=1e-4, atol=1e-5)
+            _close(g, alone.adapter_grads(RUNS[k])[key], rtol=1e-4, atol=1e-5)
