@@ -21,7 +21,18 @@ SDK_MATRIX := $(shell grep -E '^[0-9]' $(SDK_MATRIX_FILE))
 SDK_DIR ?= .venv-sdks
 SDK_STAMPS := $(foreach v,$(SDK_MATRIX),$(SDK_DIR)/$(v)/.tuft-installed)
 
-.PHONY: install run test test-sdk-old test-sdk-matrix sdk-matrix lint services clean
+# tinker-cookbook: tests run its own code (merge, renderers, supervised loop) against TuFT. Installed
+# without tml-renderers, which only serves other model families (Inkling, Kimi K3) and which the
+# cookbook imports lazily, hence --no-deps plus the rest of its dependencies (its METADATA) here.
+COOKBOOK ?= 0.6.1
+COOKBOOK_STAMP := $(VENV)/.tuft-cookbook-$(COOKBOOK)
+COOKBOOK_DEPS := "aiohttp>=3.9.0" "anyio>=4.0.0" "blobfile>=3.0.0" "chz>=0.4.0" "cloudpickle>=3.0.0" \
+	"datasets>=2.14.0" "huggingface-hub>=0.20.0" "numpy>=1.24.0" "pillow>=10.0.0" "pydantic>=2.0.0" \
+	"pyrage>=1.4.0" "rich>=13.0.0" "safetensors>=0.4.0" "termcolor>=2.0.0" "tiktoken>=0.12.0" \
+	"tinker>=0.38.0" "torch>=2.10" "tqdm>=4.60.0" \
+	"transformers>=4.57.6,!=5.3.0,!=5.4.*,!=5.5.0,!=5.5.1,!=5.5.2,!=5.5.3,!=5.6.*"
+
+.PHONY: install run test test-sdk-old test-sdk-matrix sdk-matrix cookbook lint services clean
 
 install: $(STAMP)
 
@@ -48,13 +59,20 @@ $(SDK_DIR)/%/.tuft-installed: | $(STAMP)
 
 sdk-matrix: $(SDK_STAMPS)
 
+$(COOKBOOK_STAMP): | $(STAMP)
+	$(PY) -m pip install -q $(COOKBOOK_DEPS)
+	$(PY) -m pip install -q --no-deps "tinker-cookbook==$(COOKBOOK)"
+	touch $@
+
+cookbook: $(COOKBOOK_STAMP)
+
 run: install
 	$(VENV)/bin/tuft launch $(ARGS)
 
 services:
 	bash scripts/ensure-services.sh
 
-test: install services lint sdk-matrix
+test: install services lint sdk-matrix cookbook
 	TUFT_SDK_MATRIX=$(abspath $(SDK_DIR)) $(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-sdk-old
 
