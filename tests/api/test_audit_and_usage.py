@@ -16,6 +16,9 @@ from sqlalchemy import select, update
 from tinker import types
 
 from app.db.models import Op
+from app.domain.oai import OaiChoice, OaiCompletionResult
+from app.domain.results import SampledSequence, SampleResult, result_bytes
+from app.domain.usage import sample_counts
 from tests.api.helpers import KEY_A, KEY_B, TENANT_B, Api, assert_error, ce_datum, fb_body, record_checkpoint
 from tests.api.isolation_world import (
     World,
@@ -228,3 +231,20 @@ def test_usage_missing_parameters_and_limits(api: Api) -> None:
     assert api.get(USAGE, params={**window, "limit": str(10**15)}).status_code == 200
     body = api.get(USAGE, params={**window, "limit": "1"}).json()
     assert len(body["data"]) <= 1
+
+
+def test_sample_counts_read_what_a_worker_commits() -> None:
+    """The counts the worker's commit stores (app/domain/usage.py), from real result bytes."""
+    sample = SampleResult(
+        sequences=(
+            SampledSequence(tokens=(1, 2, 3), logprobs=(-0.1, -0.2, -0.3), stop_reason="length"),
+            SampledSequence(tokens=(4,), logprobs=None, stop_reason="stop"),
+        )
+    )
+    assert sample_counts(result_bytes(sample)) == {"output_tokens": 4}
+    completion = OaiCompletionResult(
+        choices=(OaiChoice(text="hi", finish_reason="stop"),), prompt_tokens=7, completion_tokens=2
+    )
+    assert sample_counts(result_bytes(completion)) == {"input_tokens": 7, "output_tokens": 2}
+    for broken in (None, b"", b"not json", b"[1, 2]", b'{"kind": "optim_step"}'):
+        assert sample_counts(broken) == {}
