@@ -32,6 +32,7 @@ from app.domain.results import LoadWeightsResult, SaveWeightsResult, result_byte
 from app.queue import checkpoints, claim, commit, handback, leases, stability
 from app.queue.claim import ReadyOp
 from app.queue.commit import Fenced, Outcome
+from workers import train_batch
 from workers.execute import apply_mutation, write_checkpoint
 from workers.faults import fault
 from workers.recovery import RunStates
@@ -88,6 +89,7 @@ class Runner:
         # Monotonic time of the last successful lease renewal (set by the heartbeat thread).
         self.last_renewal = time.monotonic()
         self.fenced_commits = 0
+        self.ops_batched = 0  # forward_backward ops computed in a pass shared with other runs (train_batch.py)
         # File work that may only happen once the current op's commit has landed, and what to do
         # with the op's own files if it does not land (fenced off, or the op failed).
         self._after_commit: list[Callable[[], object]] = []
@@ -126,6 +128,8 @@ class Runner:
             leases.acquire_runs(s, self.worker_id, self.settings.lease_ttl_seconds)
         with self.db.read() as s:
             ready = claim.ready_run_ops(s, self.worker_id)
+        busy = bool(ready)
+        ready = train_batch.run_together(self, ready)  # several runs' forward_backward in one pass
         for op in ready:
             if self.stop.is_set():
                 return True
@@ -133,7 +137,7 @@ class Runner:
                 self._run_op_safely(op)
         sampled = self._sample_once()
         self.residency.evict_idle()
-        return sampled or bool(ready)
+        return sampled or busy
 
     def _run_op_safely(self, op: ReadyOp) -> None:
         for attempt in (1, 2):
@@ -221,9 +225,16 @@ class Runner:
             if not claim.claim_run_op(s, self.worker_id, op):
                 return
             fault("claim_in_transaction")  # the op's row lock held, COMMIT not yet sent
-        domain_op = parse_op(op.payload)
+        self._finish_claimed(op, parse_op(op.payload))
+
+    def _finish_claimed(
+        self, op: ReadyOp, domain_op: object, computed: tuple[Outcome, Callable[[DbSession], None] | None] | None = None
+    ) -> None:
+        """Compute a claimed op (unless `computed` brings its outcome: train_batch.py) and commit
+        it under the fence."""
         steps_before = self.engine.optimizer_steps(op.run_id)
-        computed = self._compute(op, domain_op)
+        if computed is None:
+            computed = self._compute(op, domain_op)
         if computed is None:
             return  # handed back: nothing committed, the op runs again
         outcome, extra = computed
