@@ -11,8 +11,8 @@ Two things the cookbook needs that a Hugging Face model name would otherwise giv
   explicitly (the built-in tokenizer is Qwen3's, `<think>` and `<|im_end|>` included).
 
 The data is examples/data/chat_sft.jsonl (its 24 training rows). The cookbook's own
-`FromConversationFileBuilder` builds a new renderer for every row, which costs ~2 s per row on a CPU
-for any Qwen tokenizer (it copies the 151k-token backend), so this script renders all rows once with
+`FromConversationFileBuilder` builds a new renderer for every row, 0.5-2 s per row on a CPU for any
+Qwen tokenizer (it copies the 151k-token backend), so this script renders all rows once with
 one renderer and the cookbook's `conversation_to_datum`. Everything else is the cookbook's loop
 unmodified: pipelined forward_backward + optim_step, its metrics.jsonl, its final checkpoint. Then
 it samples one answer from the saved weights, prompted and parsed by the same renderer.
