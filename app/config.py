@@ -155,6 +155,10 @@ class Settings(BaseModel):
     # RMSNorm/SwiGLU/RoPE on CUDA when liger-kernel is installed (`pip install 'tuft[gpu]'`) and
     # knows the model type; "liger" requires it; "torch" = the model's own modules.
     engine_kernels: Literal["auto", "liger", "torch"] = "auto"
+    # Ready forward_backward ops of several runs on one base model share one pass, each row with
+    # its own run's adapter (workers/train_batch.py): "auto" = on CUDA only (on the CPU each op
+    # runs alone, so replay stays bitwise there); "on" / "off" force it.
+    engine_batch_runs: Literal["auto", "on", "off"] = "auto"
 
     # Checkpoint downloads (docs/downloads.md): signed, time-limited links served without the API
     # key. Every API process must sign with the same key; unset, one is generated once and kept in

@@ -69,6 +69,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         micro_batch_tokens=None if tokens == "auto" else tokens,
         activation_checkpointing=settings.activation_checkpointing,
         kernels=settings.engine_kernels,
+        batch_runs=settings.engine_batch_runs,
     )
 
 
