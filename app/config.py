@@ -69,8 +69,14 @@ class Settings(BaseModel):
     # retrieve_future is held at most this long, then answered try_again: well under the SDK's
     # 45 s read timeout (tinker-protocol.md §1.7, §3.4).
     long_poll_seconds: float = 25.0
-    # How often the API's single poller looks for finished futures while someone waits.
-    future_poll_interval: float = 0.05
+    # How often the API's single poller looks for finished futures while someone waits, when no
+    # push came: results wake waiting polls at once (PostgreSQL NOTIFY, or a datagram from the
+    # workers of the API's host; app/api/pushes.py), so this is only the safety net (issue 11).
+    future_poll_interval: float = 0.25
+    # PostgreSQL connections the API keeps open (as many again may be opened for bursts and closed
+    # after): at least the number of requests it serves at once, or it opens and closes
+    # connections all the time. Through PgBouncer, its pool is what bounds the server's.
+    db_pool_size: int = Field(32, ge=1)
 
     # Leases: a worker renews its runs every heartbeat; another worker may take a run over once its
     # lease is older than the TTL (judged by the database clock).

@@ -18,7 +18,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = ".port"
+_SUFFIX = ".port"  # a worker's port: the API rings it after committing an op
+API_SUFFIX = ".api"  # an API's port: a worker rings it after committing a result (issue 11)
 
 
 def bell_dir(data_dir: Path) -> Path:
@@ -36,10 +37,12 @@ def _alive(pid: int) -> bool:
 
 
 class BellSender:
-    """The API's side: one datagram to each worker listening on this host."""
+    """The API's side: one datagram to each worker listening on this host (or, with
+    suffix=API_SUFFIX, a worker's side: one to each API of this host)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, suffix: str = _SUFFIX) -> None:
         self.folder = folder
+        self.suffix = suffix
         self.host = socket.gethostname()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
@@ -49,7 +52,7 @@ class BellSender:
     def ring(self) -> int:
         """How many workers were rung."""
         try:
-            names = [e.name for e in os.scandir(self.folder) if e.name.endswith(_SUFFIX)]
+            names = [e.name for e in os.scandir(self.folder) if e.name.endswith(self.suffix)]
         except OSError:
             return 0
         rung = 0
@@ -94,20 +97,9 @@ class BellListener:
         self._thread = threading.Thread(target=self._listen, name="tuft-localbell", daemon=True)
 
     def start(self) -> BellListener:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._remove_dead()
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(f"{self.host} {os.getpid()} {self.port}\n")
-        tmp.replace(self.file)
+        announce(self.file, self.port)
         self._thread.start()
         return self
-
-    def _remove_dead(self) -> None:
-        for path in self.folder.glob(f"*{_SUFFIX}"):
-            with contextlib.suppress(OSError, ValueError):
-                host, pid, _port = path.read_text().split()
-                if host == self.host and not _alive(int(pid)):
-                    path.unlink()
 
     def _listen(self) -> None:
         while not self._closed.is_set():
@@ -127,6 +119,21 @@ class BellListener:
             self._sock.sendto(b"", ("127.0.0.1", self.port))
         self._thread.join(timeout=2)
         self._sock.close()
+
+
+def announce(file: Path, port: int) -> None:
+    """Name `port` in `file` (by rename: a reader never sees half of it), after removing the files
+    of this host's dead processes with the same suffix."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for path in file.parent.glob(f"*{file.suffix}"):
+        with contextlib.suppress(OSError, ValueError):
+            other_host, pid, _port = path.read_text().split()
+            if other_host == host and not _alive(int(pid)):
+                path.unlink()
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(f"{host} {os.getpid()} {port}\n")
+    tmp.replace(file)
 
 
 def listen(data_dir: Path, wake: threading.Event) -> BellListener | None:

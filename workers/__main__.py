@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,12 @@ def _warm_builtin_tokenizer(settings: Settings, cache_dir: Path) -> None:
     threading.Thread(target=build, name="tuft-tokenizer-cache", daemon=True).start()
 
 
+def _api_bell(settings: Settings) -> Callable[[], object]:
+    from app import localbell
+
+    return localbell.BellSender(localbell.bell_dir(settings.resolved_data_dir()), localbell.API_SUFFIX).ring
+
+
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     # `kill -USR1 <pid>` prints every thread's stack to the worker's stderr: how an operator (or a
@@ -176,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         oom_errors=(OutOfMemory,),
         # Under Celery the main thread is the consumer: a SIGTERM to ourselves is its warm shutdown.
         on_fatal=(lambda: os.kill(os.getpid(), signal.SIGTERM)) if settings.redis_url else None,
+        # SQLite has no NOTIFY (app/queue/notify.py): a datagram to this host's APIs after each
+        # commit wakes their waiting long-polls (issue 11).
+        on_commit=_api_bell(settings) if db.sqlite else (lambda: None),
     )
 
     def register() -> None:

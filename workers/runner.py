@@ -32,6 +32,7 @@ from app.domain.results import LoadWeightsResult, SaveWeightsResult, result_byte
 from app.queue import checkpoints, claim, commit, handback, leases, stability
 from app.queue.claim import ReadyOp
 from app.queue.commit import Fenced, Outcome
+from app.queue.survey import survey
 from workers import train_batch
 from workers.execute import apply_mutation, write_checkpoint
 from workers.faults import fault
@@ -63,6 +64,7 @@ class Runner:
         fatal_errors: tuple[type[BaseException], ...] = (),
         oom_errors: tuple[type[BaseException], ...] = (),
         on_fatal: Callable[[], None] | None = None,
+        on_commit: Callable[[], object] = lambda: None,
     ) -> None:
         """user_errors fail the op with category `user`; fatal_errors (a sticky device error) end
         the loop without committing anything, record the error in `fatal` and call `on_fatal` (the
@@ -78,6 +80,7 @@ class Runner:
         self.stop = threading.Event()
         self.user_errors: tuple[type[BaseException], ...] = (UserError, DomainError, *user_errors)
         self.fatal_errors, self.oom_errors, self.on_fatal = fatal_errors, oom_errors, on_fatal
+        self.on_commit = on_commit  # after every commit of the loop: a best-effort push (issue 11)
         self.fatal: BaseException | None = None
         self.snapshots = SnapshotWriter(settings, db, engine, worker_id)
         self.states = RunStates(settings, db, engine, self._resolve_checkpoint_dir, self.snapshots)
@@ -124,10 +127,16 @@ class Runner:
         """Do one round of work; True if anything ran (so the loop goes again without waiting)."""
         self.states.drop_lost_runs()
         self.residency.released.clear()
-        with self.db.write() as s:
-            leases.acquire_runs(s, self.worker_id, self.settings.lease_ttl_seconds)
+        # One read says what this pass has to do; the writes run only when there is something.
         with self.db.read() as s:
-            ready = claim.ready_run_ops(s, self.worker_id)
+            found = survey(s, self.worker_id)
+        ready = found.ready
+        if found.runs_to_take:
+            with self.db.write() as s:
+                taken = leases.acquire_runs(s, self.worker_id, self.settings.lease_ttl_seconds)
+            if taken:
+                with self.db.read() as s:
+                    ready = claim.ready_run_ops(s, self.worker_id)
         busy = bool(ready)
         ready = train_batch.run_together(self, ready)  # several runs' forward_backward in one pass
         for op in ready:
@@ -135,7 +144,7 @@ class Runner:
                 return True
             if op.run_id not in self.residency.released:  # evicted meanwhile: no longer ours
                 self._run_op_safely(op)
-        sampled = self._sample_once()
+        sampled = self._sample_once() if found.samples_queued else False
         self.residency.evict_idle()
         return sampled or busy
 
@@ -577,10 +586,12 @@ class Runner:
                 with self.db.write() as s:
                     written = write(s)
                     fault("commit_in_transaction")  # row locks held, COMMIT not yet sent
-                    return written
+                break
             except Exception as exc:
                 if not (isinstance(exc, DBAPIError) or is_transient(exc)) or self.stop.is_set():
                     raise
                 log.warning("commit failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        self.on_commit()  # tells waiting long-polls where the database cannot (SQLite: no NOTIFY)
+        return written

@@ -1,9 +1,11 @@
 """One poller resolves every waiting retrieve_future (layout-and-style.md §3 item 14).
 
-Waiters register an asyncio future; while any exist, one query per tick (`IN (...)` over all of
-them) finds the finished ones. A poll is held up to `long_poll_seconds` (25 s by default, below the
-SDK's 45 s read timeout), then answered try_again, so thousands of polling clients cost one query
-per tick instead of one busy loop each.
+Waiters register an asyncio future; one query (`IN (...)` over all of them) finds the finished
+ones. It runs when a push says a result was committed (`kick`: PostgreSQL NOTIFY or a worker's
+datagram, app/api/pushes.py), and otherwise every `interval` while anyone waits: the safety net
+for a lost push, or a result committed by something that does not push (issue 11; before, the
+poll tick alone cost a waiting client ~35 ms per op). A poll is held up to `long_poll_seconds`
+(25 s by default, below the SDK's 45 s read timeout), then answered try_again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 
 from app.db.engine import Database
 from app.queue.futures import FutureView, finished_futures
@@ -25,7 +28,9 @@ class FuturePoller:
         self.interval = interval
         self._waiters: dict[str, list[asyncio.Future[FutureView]]] = defaultdict(list)
         self._has_waiters = asyncio.Event()
+        self._kicked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.queries = 0  # tests and the bench read it
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tuft-future-poller")
@@ -36,29 +41,54 @@ class FuturePoller:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def wait(self, request_id: str, hold: float) -> FutureView | None:
+    def kick(self, request_ids: Iterable[str] | None = None) -> None:
+        """A push (on the event loop): these ops, or some unnamed ones, reached a terminal state.
+        Only a push for an op someone here waits for costs a query."""
+        if request_ids is None or any(r in self._waiters for r in request_ids):
+            self._kicked.set()
+
+    def watch(self, request_id: str) -> asyncio.Future[FutureView]:
+        """Register a waiter before looking the op up, so a push between the lookup and the wait
+        is not missed. Pair with `forget`."""
         fut: asyncio.Future[FutureView] = asyncio.get_running_loop().create_future()
         self._waiters[request_id].append(fut)
         self._has_waiters.set()
+        return fut
+
+    def forget(self, request_id: str, fut: asyncio.Future[FutureView]) -> None:
+        # An abandoned poll (client gone, timeout) removes itself.
+        waiters = self._waiters.get(request_id)
+        if waiters is not None:
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                del self._waiters[request_id]
+
+    async def wait(self, request_id: str, hold: float) -> FutureView | None:
+        fut = self.watch(request_id)
+        try:
+            return await self.hold(fut, hold)
+        finally:
+            self.forget(request_id, fut)
+
+    @staticmethod
+    async def hold(fut: asyncio.Future[FutureView], hold: float) -> FutureView | None:
         try:
             return await asyncio.wait_for(fut, hold)
         except TimeoutError:
             return None
-        finally:
-            # An abandoned poll (client gone, timeout) removes itself.
-            waiters = self._waiters.get(request_id)
-            if waiters is not None:
-                if fut in waiters:
-                    waiters.remove(fut)
-                if not waiters:
-                    del self._waiters[request_id]
 
     async def _run(self) -> None:
         while True:
             if not self._waiters:
                 self._has_waiters.clear()
                 await self._has_waiters.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kicked.wait(), self.interval)
+            self._kicked.clear()
             ids = list(self._waiters)
+            if not ids:
+                continue
             try:
                 done = await asyncio.to_thread(self._query, ids)
             except Exception as exc:
@@ -69,8 +99,8 @@ class FuturePoller:
                 for fut in self._waiters.pop(request_id, []):
                     if not fut.done():
                         fut.set_result(view)
-            await asyncio.sleep(self.interval)
 
     def _query(self, ids: list[str]) -> dict[str, FutureView]:
+        self.queries += 1
         with self.db.read() as s:
             return finished_futures(s, ids)

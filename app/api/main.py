@@ -20,6 +20,7 @@ from app.api.catalog import ModelCatalog
 from app.api.decoding import RETRY_AFTER_SECONDS, DecodeBusy, DecodeGate
 from app.api.longpoll import FuturePoller
 from app.api.proxy import ForwardedHeaders
+from app.api.pushes import Pushes
 from app.api.routes import audit, checkpoints, client, downloads, futures, oai, rest, sampling, sessions, training
 from app.api.state import AppState
 from app.auth import KeyResolver
@@ -169,6 +170,7 @@ def create_app(
         settings.resolved_database_url(),
         process_name="api",
         timeouts=DbTimeouts.for_lease(settings.lease_ttl_seconds),  # bounds a paused transaction
+        pool_size=settings.db_pool_size,
     )
 
     @asynccontextmanager
@@ -188,12 +190,15 @@ def create_app(
         )
         app.state.tuft = state
         poller.start()
+        pushes = Pushes(database.url, settings.resolved_data_dir(), poller)
+        await pushes.start()
         sweeper = SweeperThread(settings, database, state.doorbell)
         sweeper.start()
         try:
             yield
         finally:
             sweeper.stop()
+            await pushes.stop()
             await poller.stop()
             if on_shutdown is not None:
                 await asyncio.to_thread(on_shutdown)

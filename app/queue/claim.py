@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, case, func, literal, select, update
 from sqlalchemy.orm import Session as DbSession
 
-from app.db.engine import db_now
+from app.db.engine import db_clock, db_now
 from app.db.models import Op, Run
 
 
@@ -61,7 +61,7 @@ def claim_run_op(s: DbSession, worker_id: str, op: ReadyOp) -> bool:
             attempt=Op.attempt + 1,
             claimed_epoch=op.epoch,
             claimed_by=worker_id,
-            started_at=db_now(s),
+            started_at=db_clock(),
         )
     )
     return result.rowcount == 1  # type: ignore[attr-defined]

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DbSession
 
-from app.db.engine import db_now
+from app.db.engine import db_clock
 from app.db.models import Op, Run
 from app.domain.usage import sample_counts
+from app.queue.notify import signal_done
 
 
 class Fenced(Exception):
@@ -46,7 +47,6 @@ def commit_run_op(
     optimizer_steps_delta: int = 0,
 ) -> None:
     """Advance the run past `seq` and record the op's outcome, or raise Fenced (caller rolls back)."""
-    now = db_now(s)
     advanced = s.execute(
         update(Run)
         .where(
@@ -64,18 +64,21 @@ def commit_run_op(
     if advanced.rowcount != 1:  # type: ignore[attr-defined]
         raise Fenced(f"run {run_id} seq {seq}: lease epoch {epoch} is no longer current")
     recorded = s.execute(
-        update(Op)
-        .where(Op.request_id == request_id, Op.status == "running", Op.claimed_epoch == epoch)
-        .values(
-            status="failed" if outcome.failed else "succeeded",
-            result=outcome.result,
-            error_message=outcome.error_message,
-            error_category=outcome.error_category,
-            micro_batch_tokens=outcome.micro_batch_tokens,
-            finished_at=now,
+        signal_done(
+            s,
+            update(Op)
+            .where(Op.request_id == request_id, Op.status == "running", Op.claimed_epoch == epoch)
+            .values(
+                status="failed" if outcome.failed else "succeeded",
+                result=outcome.result,
+                error_message=outcome.error_message,
+                error_category=outcome.error_category,
+                micro_batch_tokens=outcome.micro_batch_tokens,
+                finished_at=db_clock(),
+            ),
         )
-    )
-    if recorded.rowcount != 1:  # type: ignore[attr-defined]
+    ).all()
+    if len(recorded) != 1:
         raise Fenced(f"op {request_id} is no longer claimed under epoch {epoch}")
 
 
@@ -92,19 +95,22 @@ def skip_rejected_op(s: DbSession, *, worker_id: str, run_id: str, seq: int, epo
 
 def commit_sample(s: DbSession, *, worker_id: str, request_id: str, outcome: Outcome) -> None:
     recorded = s.execute(
-        update(Op)
-        .where(Op.request_id == request_id, Op.status == "running", Op.claimed_by == worker_id)
-        .values(
-            status="failed" if outcome.failed else "succeeded",
-            result=outcome.result,
-            error_message=outcome.error_message,
-            error_category=outcome.error_category,
-            finished_at=db_now(s),
-            claim_expires_at=None,
-            **sample_counts(outcome.result),
+        signal_done(
+            s,
+            update(Op)
+            .where(Op.request_id == request_id, Op.status == "running", Op.claimed_by == worker_id)
+            .values(
+                status="failed" if outcome.failed else "succeeded",
+                result=outcome.result,
+                error_message=outcome.error_message,
+                error_category=outcome.error_category,
+                finished_at=db_clock(),
+                claim_expires_at=None,
+                **sample_counts(outcome.result),
+            ),
         )
-    )
-    if recorded.rowcount != 1:  # type: ignore[attr-defined]
+    ).all()
+    if len(recorded) != 1:
         raise Fenced(f"sample {request_id} is no longer claimed by {worker_id}")
 
 
@@ -131,13 +137,16 @@ def block_run(s: DbSession, *, worker_id: str, run_id: str, epoch: int, reason: 
     if blocked.rowcount != 1:  # type: ignore[attr-defined]
         raise Fenced(f"run {run_id}: lease epoch {epoch} is no longer current")
     failed = s.execute(
-        update(Op)
-        .where(Op.run_id == run_id, Op.status.in_(("queued", "running")))
-        .values(
-            status="failed",
-            error_message=blocked_message(run_id, reason)[:2000],
-            error_category="server",
-            finished_at=db_now(s),
+        signal_done(
+            s,
+            update(Op)
+            .where(Op.run_id == run_id, Op.status.in_(("queued", "running")))
+            .values(
+                status="failed",
+                error_message=blocked_message(run_id, reason)[:2000],
+                error_category="server",
+                finished_at=db_clock(),
+            ),
         )
-    )
-    return int(failed.rowcount)  # type: ignore[attr-defined]
+    ).all()
+    return len(failed)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session as DbSession
 
-from app.db.engine import db_now
+from app.db.engine import db_clock
 from app.db.models import Op
 from app.domain.errors import NotFound
 
@@ -52,7 +52,7 @@ def get_future(s: DbSession, tenant: str, request_id: str) -> FutureView:
 
 def mark_delivered(s: DbSession, request_id: str) -> None:
     """Retention of a result counts from its first delivery (docs/reliability.md)."""
-    s.execute(update(Op).where(Op.request_id == request_id, Op.delivered_at.is_(None)).values(delivered_at=db_now(s)))
+    s.execute(update(Op).where(Op.request_id == request_id, Op.delivered_at.is_(None)).values(delivered_at=db_clock()))
 
 
 def finished_futures(s: DbSession, request_ids: list[str]) -> dict[str, FutureView]:

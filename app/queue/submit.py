@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as DbSession
 
-from app.db.engine import db_now
+from app.db.engine import db_clock, db_now
 from app.db.models import Op, Run, Sampler, Session, Worker
 from app.domain import ids, usage
 from app.domain.errors import Conflict, NotFound, SessionFinished
@@ -25,6 +27,10 @@ from app.domain.results import CreateModelResult, result_bytes
 from app.queue import checkpoints
 
 NEW_RUNS_QUEUE = "tuft.new"
+
+# runs.last_request_at orders runs and ages sessions (minutes); moving it on every op of a run
+# that sends tens of ops a second would cost an UPDATE per op for no reader's benefit.
+LAST_REQUEST_RESOLUTION_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,37 @@ class Wakeup:
 class Submitted:
     request_id: str
     wakeup: Wakeup | None
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a submission needs to know besides the run, read with it in one statement (issue 11:
+    the database clock, the owner's queue for the wake-up, and whether its session has finished)."""
+
+    run: Run
+    now: float
+    wakeup: Wakeup
+    session_finished: str | None  # the finish reason; None while the session is live
+
+
+def run_for_submit(s: DbSession, tenant: str, run_id: str) -> RunContext:
+    """get_run() for a submission, plus its RunContext, in one round trip."""
+    row = None
+    if "\x00" not in run_id:
+        row = s.execute(
+            select(Run, db_clock(), Worker.queue, Worker.stopped_at, Session.finished_at, Session.finish_reason)
+            .outerjoin(Worker, Worker.worker_id == Run.owner_worker)
+            .outerjoin(Session, Session.session_id == Run.session_id)
+            .where(Run.run_id == run_id)
+        ).first()
+    if row is None or row[0].tenant != tenant:
+        raise NotFound(f"training run {run_id!r} not found")
+    run, now, queue, stopped_at, finished_at, finish_reason = row
+    wakeup = (
+        Wakeup(queue, run.run_id) if queue is not None and stopped_at is None else Wakeup(NEW_RUNS_QUEUE, run.run_id)
+    )
+    finished = (finish_reason or "finished") if finished_at is not None else None
+    return RunContext(run, float(now), wakeup, finished)
 
 
 def get_session(s: DbSession, tenant: str, session_id: str, *, live: bool = False) -> Session:
@@ -171,27 +208,42 @@ def _wakeup_for_run(s: DbSession, run: Run) -> Wakeup:
     return Wakeup(NEW_RUNS_QUEUE, run.run_id)
 
 
-def _insert_or_dedupe(s: DbSession, op_row: Op, key_filter: list[object], what: str, session_id: str) -> str:
+def _insert_or_dedupe(
+    s: DbSession,
+    op_row: Op,
+    key_filter: list[object],
+    what: str,
+    session_id: str,
+    session_finished: str | bool | None = False,
+) -> str:
     """Insert op_row; if its unique key is taken, return the existing request_id when the stored
     body is identical (a client retry), raise Conflict otherwise. A finished session takes no new
     ops (the SDK's close(): "further operations against it will be rejected"); a retry of one it
-    recorded before finishing is still answered."""
+    recorded before finishing is still answered. `session_finished`: the finish reason or None
+    when the caller already read it (RunContext), False to read it here.
+
+    One `INSERT ... ON CONFLICT DO NOTHING RETURNING` in the usual case (issue 11): a retry or a
+    race with one finds its row by the key afterwards, in the same transaction."""
+    if session_finished is False:
+        session = s.get(Session, session_id)
+        session_finished = (session.finish_reason or "finished") if session and session.finished_at else None
+    existing: Op | None = None
+    if session_finished is None:
+        values: dict[str, Any] = {
+            c.key: getattr(op_row, c.key) for c in Op.__table__.columns if c.key in op_row.__dict__
+        }
+        dialect_insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+        inserted = s.execute(
+            dialect_insert(Op).values(**values).on_conflict_do_nothing().returning(Op.request_id)
+        ).scalar_one_or_none()
+        if inserted is not None:
+            return str(inserted)
     existing = s.execute(select(Op).where(*key_filter)).scalar_one_or_none()  # type: ignore[arg-type]
     if existing is None:
-        session = s.get(Session, session_id)
-        if session is not None and session.finished_at is not None:
-            raise SessionFinished(
-                f"session {session_id!r} was finished ({session.finish_reason}) and takes no new requests; "
-                "start a new session (e.g. create_training_client_from_state from a saved checkpoint)"
-            )
-        try:
-            with s.begin_nested():
-                s.add(op_row)
-                s.flush()
-            return op_row.request_id
-        except IntegrityError:
-            # Lost a race with a concurrent retry of the same request: fall through to compare.
-            existing = s.execute(select(Op).where(*key_filter)).scalar_one()  # type: ignore[arg-type]
+        raise SessionFinished(
+            f"session {session_id!r} was finished ({session_finished}) and takes no new requests; "
+            "start a new session (e.g. create_training_client_from_state from a saved checkpoint)"
+        )
     if existing.request_sha256 != op_row.request_sha256 or existing.tenant != op_row.tenant:
         raise Conflict(f"{what} was already used for a different request")
     return existing.request_id
@@ -207,17 +259,18 @@ def submit_run_op(
     kind: str | None = None,
     raw: bytes = b"",
     rejected_category: str = "user",
+    ctx: RunContext | None = None,
 ) -> Submitted:
     """Queue op `seq` of `run`. With `rejected`, the op is recorded as already failed (category
     `rejected_category`: user, or server for a blocked run): the client still gets a future, and
     the run does not stall on a missing seq. A request too broken to become an op is stored as
-    its raw bytes (op None, `kind` given)."""
+    its raw bytes (op None, `kind` given). With `ctx` (run_for_submit) nothing else is read first."""
     if (
         seq < run.next_seq
         and s.execute(select(Op.request_id).where(Op.run_id == run.run_id, Op.seq == seq)).first() is None
     ):
         raise Conflict(f"seq_id {seq} of {run.run_id} is in the past (next is {run.next_seq})")
-    now = db_now(s)
+    now = ctx.now if ctx is not None else db_now(s)
     if op is not None:
         kind = str(getattr(op, "kind", "unknown"))
         payload, digest = canonical_bytes(op), op_sha256(op)
@@ -243,10 +296,16 @@ def submit_run_op(
         finished_at=now if rejected else None,
     )
     request_id = _insert_or_dedupe(
-        s, row, [Op.run_id == run.run_id, Op.seq == seq], f"seq_id {seq} of {run.run_id}", run.session_id
+        s,
+        row,
+        [Op.run_id == run.run_id, Op.seq == seq],
+        f"seq_id {seq} of {run.run_id}",
+        run.session_id,
+        ctx.session_finished if ctx is not None else False,
     )
-    run.last_request_at = now
-    return Submitted(request_id, _wakeup_for_run(s, run))
+    if ctx is None or now - run.last_request_at >= LAST_REQUEST_RESOLUTION_SECONDS:
+        run.last_request_at = now
+    return Submitted(request_id, ctx.wakeup if ctx is not None else _wakeup_for_run(s, run))
 
 
 def create_sampler(

@@ -34,16 +34,20 @@ async def retrieve_future(request: Request, state: State, tenant: Tenant) -> Res
         with state.db.read() as s:
             return get_future(s, tenant, req.request_id)
 
+    # Watched before the lookup: a result pushed while the lookup runs still wakes this poll.
+    waiter = state.poller.watch(req.request_id)
     try:
         view: FutureView | None = await run_in_threadpool(lookup)
+        assert view is not None
+        if not view.done:
+            view = await state.poller.hold(waiter, state.settings.long_poll_seconds)
     except DBAPIError:
         # The database is down or restarting. The SDK re-polls a 5xx at once, with no backoff
         # (tinker-protocol.md §3.4): hold the poll a little so an outage is not a hot loop.
         await asyncio.sleep(1.0)
         return JSONResponse(error_body(ServerError("the database is unavailable; retry")), status_code=503)
-    assert view is not None
-    if not view.done:
-        view = await state.poller.wait(req.request_id, state.settings.long_poll_seconds)
+    finally:
+        state.poller.forget(req.request_id, waiter)
     if view is None:
         return JSONResponse(await _try_again(state, req.request_id))
     if view.status == "failed":

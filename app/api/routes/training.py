@@ -55,7 +55,8 @@ def _submit_run_op(
     state: AppState, tenant: str, model_id: str, seq: int, kind: str, build: OpBuilder, raw: bytes
 ) -> str:
     def work(s: DbSession) -> tuple[str, list[Wakeup]]:
-        run = submit.get_run(s, tenant, model_id)
+        ctx = submit.run_for_submit(s, tenant, model_id)
+        run = ctx.run
         op: BaseModel | None = None
         rejected: str | None = None
         category = "user"
@@ -72,10 +73,10 @@ def _submit_run_op(
                 rejected = exc.message
         if rejected is not None and op is None:
             sub = submit.submit_run_op(
-                s, run, seq, None, rejected=rejected, kind=kind, raw=raw, rejected_category=category
+                s, run, seq, None, rejected=rejected, kind=kind, raw=raw, rejected_category=category, ctx=ctx
             )
         else:
-            sub = submit.submit_run_op(s, run, seq, op, rejected=rejected)
+            sub = submit.submit_run_op(s, run, seq, op, rejected=rejected, ctx=ctx)
         return sub.request_id, [sub.wakeup] if sub.wakeup else []
 
     return state.submit(work)
@@ -162,8 +163,12 @@ async def forward_backward(request: Request, state: State, tenant: Tenant) -> di
         decoded = decode_forward_backward_located(body, encoding, limits)
         if decoded.op is None:
             return decoded, body
-        with state.db.read() as s:
-            base_model = submit.get_run(s, tenant, decoded.model_id).base_model
+
+        def read_base_model() -> str:
+            with state.db.read() as s:
+                return submit.get_run(s, tenant, decoded.model_id).base_model
+
+        base_model = state.base_model_of(tenant, decoded.model_id, read_base_model)
         try:
             check_forward_backward(
                 decoded.op,
