@@ -149,6 +149,20 @@ class Settings(BaseModel):
     fair_sample_queue: bool = True
     min_queued_samples_per_tenant: int = Field(8, ge=1)
 
+    # Prometheus metrics (docs/metrics.md). GET /metrics on the API port answers only requests
+    # carrying `Authorization: Bearer <metrics_token>` (404 while unset: the numbers name every
+    # tenant, so they are an operator's, not an API key's). metrics_port serves the same page
+    # without authentication on a separate listener (metrics_host, loopback by default), for a
+    # scraper on a private network. Numbers read from the database are cached metrics_cache_seconds.
+    metrics_token: str | None = None
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_cache_seconds: float = Field(5.0, ge=0)
+    # Each worker's own numbers (GPU memory and utilisation, snapshot writes) on this port of its
+    # host, plus its GPU index (two workers of one host never clash); unset, no listener.
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535)
+    worker_metrics_host: str = "0.0.0.0"
+
     # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
     worker_device: str = "auto"
     # forward_backward in micro-batches (docs/performance.md "Large batches"): padded tokens per
@@ -229,6 +243,9 @@ _ENV_FIELDS = {
     "TUFT_ALLOW_DEV_KEY_ON_NETWORK": "allow_dev_key_on_network",
     "TUFT_PUBLIC_BASE_URL": "public_base_url",
     "TUFT_TRUSTED_PROXIES": "trusted_proxies",
+    "TUFT_METRICS_TOKEN": "metrics_token",
+    "TUFT_METRICS_PORT": "metrics_port",
+    "TUFT_WORKER_METRICS_PORT": "worker_metrics_port",
 }
 
 

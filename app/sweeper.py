@@ -16,6 +16,7 @@ from app.checkpoint_store import CheckpointStore
 from app.config import Settings
 from app.db.engine import Database
 from app.doorbell import Doorbell
+from app.metrics import collector as metrics
 from app.queue.sweeper import SweepReport, hold_singleton, run_pass
 
 log = logging.getLogger("tuft.sweeper")
@@ -64,6 +65,7 @@ class SweeperThread(threading.Thread):
             for rel in report.retention.snapshot_paths:
                 shutil.rmtree(snapshot_dir / rel, ignore_errors=True)
             log.info("sweeper: retired %d finished run(s)", len(report.retention.finished_runs))
+        metrics.record_sweep(len(report.expired_leases))
         if report.wakeups:
             self.doorbell.ring(report.wakeups)
         if report.expired_checkpoints:

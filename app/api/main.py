@@ -21,13 +21,26 @@ from app.api.decoding import RETRY_AFTER_SECONDS, DecodeBusy, DecodeGate
 from app.api.longpoll import FuturePoller
 from app.api.proxy import ForwardedHeaders
 from app.api.pushes import Pushes
-from app.api.routes import audit, checkpoints, client, downloads, futures, oai, rest, sampling, sessions, training
+from app.api.routes import (
+    audit,
+    checkpoints,
+    client,
+    downloads,
+    futures,
+    metrics,
+    oai,
+    rest,
+    sampling,
+    sessions,
+    training,
+)
 from app.api.state import AppState
 from app.auth import KeyResolver
 from app.config import Settings
 from app.db.engine import Database, DbTimeouts
 from app.domain.errors import DomainError, InvalidInput, NotFound, PayloadTooLarge
 from app.doorbell import make_doorbell
+from app.metrics.exporter import MetricsExporter
 from app.sweeper import SweeperThread
 from app.wire.errors import error_body, http_status_for
 from app.wire.oai import error_body as oai_error_body
@@ -194,9 +207,12 @@ def create_app(
         await pushes.start()
         sweeper = SweeperThread(settings, database, state.doorbell)
         sweeper.start()
+        app.state.tuft_metrics = exporter = MetricsExporter(settings, database)
+        exporter.start()
         try:
             yield
         finally:
+            exporter.stop()
             sweeper.stop()
             await pushes.stop()
             await poller.stop()
@@ -208,7 +224,7 @@ def create_app(
 
     app = FastAPI(title="TuFT", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (client, sessions, training, sampling, futures, rest, checkpoints, downloads, oai, audit):
+    for module in (client, sessions, training, sampling, futures, rest, checkpoints, downloads, oai, audit, metrics):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(ForwardedHeaders, proxies=settings.trusted_proxies)
