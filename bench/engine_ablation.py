@@ -106,7 +106,7 @@ def main() -> None:
     import tempfile
 
     # Torch kernels first; Liger's are patched in below, as kernels="auto" does when installed.
-    engine = make_engine(args.shape, Path(tempfile.mkdtemp()), args.rank, EngineConfig(kernels="torch"))
+    engine = make_engine(args.shape, Path(tempfile.mkdtemp()), args.rank, EngineConfig(kernels="torch", autocast="off"))
     ops = {shape: engine_op(*shape) for shape in shapes}
 
     def step(n: int, seq: int) -> Any:

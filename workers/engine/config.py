@@ -9,6 +9,7 @@ from typing import Literal
 CheckpointingPolicy = Literal["auto", "on", "off"]
 KernelPolicy = Literal["auto", "liger", "torch"]
 BatchRunsPolicy = Literal["auto", "on", "off"]
+AutocastPolicy = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,18 @@ class EngineConfig:
 
     batch_runs: whether forward_backward_many gives ops of different runs on one base model one
     pass (multi_run.py): "auto" on CUDA only (engine.batches_runs says why), "on" / "off" force it.
+
+    autocast: forward_backward under torch.autocast in the base weights' dtype, so the LoRA
+    matmuls (float32 weights) run on the tensor cores in bf16 instead of in float32; weights,
+    gradients and AdamW stay float32. "auto": on CUDA with bf16/fp16 base weights; "off" keeps
+    float32 LoRA arithmetic (bench/engine_ablation.py prices it).
     """
 
     micro_batch_tokens: int | None = None
     activation_checkpointing: CheckpointingPolicy = "auto"
     kernels: KernelPolicy = "auto"
     batch_runs: BatchRunsPolicy = "auto"
+    autocast: AutocastPolicy = "auto"
 
     def __post_init__(self) -> None:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
@@ -42,5 +49,7 @@ class EngineConfig:
             raise ValueError(f"activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}")
         if self.batch_runs not in ("auto", "on", "off"):
             raise ValueError(f"batch_runs must be auto, on or off, got {self.batch_runs!r}")
+        if self.autocast not in ("auto", "on", "off"):
+            raise ValueError(f"autocast must be auto, on or off, got {self.autocast!r}")
         if self.kernels not in ("auto", "liger", "torch"):
             raise ValueError(f"kernels must be auto, liger or torch, got {self.kernels!r}")

@@ -7,6 +7,7 @@ model's modules (the active adapter is global state), so two ops must never inte
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -264,7 +265,8 @@ class TorchEngine:
         data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
         slot.host.activate(run.adapter, trainable=True)
         run.micro_batch_tokens = None
-        result = run_loss(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens)
+        with self._autocast():
+            result = run_loss(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens)
         assert slot.batcher.last is not None
         run.micro_batch_tokens = slot.batcher.last.budget_tokens
         return result
@@ -298,7 +300,8 @@ class TorchEngine:
             together = self.batches_runs() and len(members) > 1 and shareable(batches) and slot.router.supported()
             if together:
                 try:
-                    results = run_together(slot.loaded.model, slot.router, slot.batcher, batches, forward_only)
+                    with self._autocast():
+                        results = run_together(slot.loaded.model, slot.router, slot.batcher, batches, forward_only)
                 except OpInputError:
                     together = False  # rolled back whole: each op runs again alone below
                 else:
@@ -313,6 +316,14 @@ class TorchEngine:
                     except OpInputError as exc:
                         outcomes[index] = exc
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        """forward_backward's matmuls in the base weights' dtype on CUDA (EngineConfig.autocast)."""
+        policy = self._config.autocast
+        low = self._dtype in (torch.bfloat16, torch.float16)
+        if policy == "off" or self._device.type != "cuda" or (policy == "auto" and not low):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self._dtype if low else torch.bfloat16)
 
     def batches_runs(self) -> bool:
         """Whether forward_backward_many shares passes between runs. "auto": on CUDA, where a pass
