@@ -246,16 +246,17 @@ def _micro_batch(
     lengths = [data[i].tokens.shape[0] for i in group]
     width = max(lengths)
     ids = torch.zeros(len(group), width, dtype=torch.int64)
-    mask = torch.zeros(len(group), width, dtype=torch.int64)
     for row, i in enumerate(group):
         ids[row, : lengths[row]] = data[i].tokens
-        mask[row, : lengths[row]] = 1
+    # The real positions of the flattened [rows * width] batch, datum after datum, computed here on
+    # the host: indexing with a device-side boolean mask would make the CPU wait for the whole
+    # decoder forward (to count the mask) before it could queue the vocabulary projection.
+    positions = torch.cat([torch.arange(n) + row * width for row, n in enumerate(lengths)])
     with rows_context:
         hidden = decoder_hidden(model, ids.to(device))
-        valid = mask.to(device).bool()
         targets = torch.cat([data[i].targets for i in group]).to(device)
-        # Boolean indexing walks rows in order, so the flat tokens are datum after datum.
-        flat_hidden = hidden[valid]
+        every = hidden.reshape(-1, hidden.shape[-1])
+        flat_hidden = every if len(positions) == every.shape[0] else every.index_select(0, positions.to(device))
         if adapter_of is None:
             logprobs = target_logprobs(model, flat_hidden, targets)
         else:
