@@ -1,4 +1,4 @@
-"""`tuft runs | ops | workers | snapshots`: the operator's view of the queue (docs/admin-cli.md)."""
+"""`tuft runs | ops | workers | queue | snapshots`: the operator's view of the queue (docs/admin-cli.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from app.config import Settings
 from app.db import migrate
 from app.db.engine import Database
 from app.domain.errors import DomainError, NotFound
+from app.metrics import queries
 from app.queue import admin
 from app.snapshot_manifest import verify
 
@@ -18,7 +19,9 @@ def add_parsers(sub: Any, add_common: Any) -> None:
     runs = sub.add_parser("runs", help="training runs: list, show, resume, pause, cancel")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     p = runs_sub.add_parser("list", help="every run with its lease, progress and pending ops")
-    p.add_argument("--status", default=None, help="only runs in this status (active, blocked, paused, cancelled)")
+    # choices: a typo is refused with the list of states (exit 2), not answered with "(none)".
+    p.add_argument("--status", default=None, choices=admin.RUN_STATUSES, help="only runs in this status")
+    _add_filters(p)
     p = runs_sub.add_parser("show", help="one run, its snapshots and its latest ops")
     p.add_argument("run_id")
     p = runs_sub.add_parser("resume", help="make a blocked or paused run active again")
@@ -38,14 +41,20 @@ def add_parsers(sub: Any, add_common: Any) -> None:
     workers = sub.add_parser("workers", help="worker processes")
     workers_sub = workers.add_subparsers(dest="workers_command", required=True)
     workers_sub.add_parser("list", help="workers, their heartbeats and how many runs each holds")
+    queue = sub.add_parser("queue", help="ops waiting per base model and tenant, with the oldest one's age")
+    _add_filters(queue)
     snaps = sub.add_parser("snapshots", help="recovery snapshots")
     snaps_sub = snaps.add_subparsers(dest="snapshots_command", required=True)
     p = snaps_sub.add_parser("verify", help="check every snapshot of a run against its manifest")
     p.add_argument("run_id")
-    for group in (runs_sub, ops_sub, workers_sub, snaps_sub):
-        for parser in group.choices.values():
-            add_common(parser)
-            parser.add_argument("--json", action="store_true", help="machine-readable output")
+    for parser in [queue, *(p for g in (runs_sub, ops_sub, workers_sub, snaps_sub) for p in g.choices.values())]:
+        add_common(parser)
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_filters(p: Any) -> None:
+    p.add_argument("--tenant", default=None, help="only this tenant's")
+    p.add_argument("--model", default=None, help="only this base model's (as in supported_models)")
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -62,6 +71,7 @@ RUN_COLUMNS = ["run_id", "status", "owner_worker", "lease_expires_in", "next_seq
 RUN_COLUMNS += ["optimizer_steps", "last_snapshot_seq"]
 OP_COLUMNS = ["seq", "kind", "status", "attempt", "claimed_epoch", "seconds_to_finish", "error"]
 WORKER_COLUMNS = ["worker_id", "device", "queue", "heartbeat_age", "runs", "state"]
+QUEUE_COLUMNS = ["base_model", "tenant", "status", "ops", "oldest_age_seconds"]
 
 
 def run_admin(settings: Settings, args: argparse.Namespace) -> int:
@@ -85,7 +95,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 def _run(settings: Settings, db: Database, args: argparse.Namespace) -> int:
     if args.command == "workers":
         with db.read() as s:
-            rows = admin.worker_rows(s)
+            rows = admin.worker_rows(s, settings.lease_ttl_seconds)
         _emit(args, rows, _table(rows, WORKER_COLUMNS))
         return 0
     if args.command == "ops":
@@ -95,10 +105,15 @@ def _run(settings: Settings, db: Database, args: argparse.Namespace) -> int:
         return 0
     if args.command == "snapshots":
         return _verify(settings, db, args)
+    if args.command == "queue":
+        with db.read() as s:
+            rows = queries.queue_depth(s, tenant=args.tenant, base_model=args.model)
+        _emit(args, rows, _table(rows, QUEUE_COLUMNS))
+        return 0
     command = args.runs_command
     if command == "list":
         with db.read() as s:
-            rows = admin.run_rows(s, args.status)
+            rows = admin.run_rows(s, args.status, tenant=args.tenant, base_model=args.model)
         _emit(args, rows, _table(rows, RUN_COLUMNS))
         return 0
     if command == "show":

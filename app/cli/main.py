@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.cli.admin import add_parsers
 
     add_parsers(sub, _add_common)
+    from app.cli.health import add_parser as add_health_parser
+
+    add_health_parser(sub, _add_common)
     return parser
 
 
@@ -138,7 +141,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from app.cli.keys import run_keys
 
         return run_keys(settings, args)
-    if args.command in ("runs", "ops", "workers", "snapshots"):
+    if args.command == "worker-health":
+        from app.cli.health import worker_health
+
+        return worker_health(settings, args)
+    if args.command in ("runs", "ops", "workers", "queue", "snapshots"):
         from app.cli.admin import run_admin
 
         return run_admin(settings, args)

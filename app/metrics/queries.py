@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_now
 from app.db.models import Op, Run, Sampler, Snapshot, Worker
-from app.queue.leases import DEAD_AFTER_TTLS
+from app.queue.leases import DEAD_AFTER_TTLS, worker_state
 
 # Seconds. An op waits from milliseconds (an idle worker) to hours (a queue behind a long run), runs
 # from ~10 ms (optim_step on the tiny model) to minutes (a big forward_backward or a save), so the
@@ -151,16 +151,6 @@ def snapshots(s: DbSession) -> dict[str, float]:
         )
     ).one()
     return {"count": int(row[0]), "bytes": float(row[1]), "largest_bytes": float(row[2])}
-
-
-def worker_state(stopped_at: float | None, heartbeat_age: float, lease_ttl: float) -> str:
-    """live, dead or stopped. Dead as soon as the heartbeat is older than the lease TTL: by then
-    every lease it held may be taken over, so it no longer runs anything it can commit. (The
-    sweeper's DEAD_AFTER_TTLS is slower on purpose: it marks the row stopped, which a worker that
-    was only paused must undo when it beats again.)"""
-    if stopped_at is not None:
-        return "stopped"
-    return "dead" if heartbeat_age > lease_ttl else "live"
 
 
 def workers(s: DbSession, lease_ttl: float, include_stopped_for: float | None = None) -> list[dict[str, Any]]:

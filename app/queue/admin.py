@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session as DbSession
 from app.db.engine import db_now
 from app.db.models import Op, Run, Snapshot, Worker
 from app.domain.errors import InvalidInput, NotFound
+from app.queue.leases import worker_state
 
 OpAction = Literal["retry", "skip", "fail"]
 
@@ -30,7 +31,15 @@ def _fence(run: Run, status: str, reason: str | None) -> None:
     run.lease_epoch += 1
 
 
-def run_rows(s: DbSession, status: str | None = None) -> list[dict[str, Any]]:
+# Every status a run can have (app/db/models.py Run.status).
+RUN_STATUSES = ("active", "blocked", "paused", "cancelled")
+
+
+def run_rows(
+    s: DbSession, status: str | None = None, *, tenant: str | None = None, base_model: str | None = None
+) -> list[dict[str, Any]]:
+    if status is not None and status not in RUN_STATUSES:
+        raise InvalidInput(f"unknown run status {status!r}: use one of {', '.join(RUN_STATUSES)}")
     now = db_now(s)
     pending = (
         select(Op.run_id, func.count().label("n"))
@@ -41,6 +50,10 @@ def run_rows(s: DbSession, status: str | None = None) -> list[dict[str, Any]]:
     query = select(Run, pending.c.n).outerjoin(pending, pending.c.run_id == Run.run_id).order_by(Run.created_at)
     if status:
         query = query.where(Run.status == status)
+    if tenant is not None:
+        query = query.where(Run.tenant == tenant)
+    if base_model is not None:
+        query = query.where(Run.base_model == base_model)
     rows = []
     for run, n_pending in s.execute(query).all():
         rows.append(
@@ -87,7 +100,7 @@ def op_rows(s: DbSession, run_id: str, limit: int) -> list[dict[str, Any]]:
     ]
 
 
-def worker_rows(s: DbSession) -> list[dict[str, Any]]:
+def worker_rows(s: DbSession, lease_ttl: float) -> list[dict[str, Any]]:
     now = db_now(s)
     owned = dict(
         s.execute(
@@ -104,7 +117,7 @@ def worker_rows(s: DbSession) -> list[dict[str, Any]]:
             "pid": w.pid,
             "heartbeat_age": round(now - w.heartbeat_at, 1),
             "runs": int(owned.get(w.worker_id, 0)),
-            "state": "stopped" if w.stopped_at is not None else "live",
+            "state": worker_state(w.stopped_at, now - w.heartbeat_at, lease_ttl),
         }
         for w in workers
     ]

@@ -31,6 +31,16 @@ class Lease:
 DEAD_AFTER_TTLS = 3
 
 
+def worker_state(stopped_at: float | None, heartbeat_age: float, lease_ttl: float) -> str:
+    """live, dead or stopped, as operators are told (`tuft workers list`, /metrics). Dead as soon
+    as the heartbeat is older than the lease TTL: from then on every lease it held may be taken
+    over, so it runs nothing it could commit. The sweeper waits DEAD_AFTER_TTLS before it marks
+    the row stopped, because a worker that was only paused must undo that when it beats again."""
+    if stopped_at is not None:
+        return "stopped"
+    return "dead" if heartbeat_age > lease_ttl else "live"
+
+
 def register_worker(s: DbSession, *, worker_id: str, host: str, device: str, queue: str, pid: int) -> None:
     now = db_now(s)
     s.add(

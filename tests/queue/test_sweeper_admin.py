@@ -152,7 +152,7 @@ def test_admin_listings(db: Database) -> None:
     with db.read() as s:
         (row,) = admin.run_rows(s)
         ops = admin.op_rows(s, run_id, 10)
-        (worker,) = admin.worker_rows(s)
+        (worker,) = admin.worker_rows(s, lease_ttl=15.0)
     assert row["run_id"] == run_id and row["owner_worker"] == "w1" and row["pending_ops"] == 2
     assert row["next_seq"] == 1 and row["applied_seq"] == 0 and row["lease_expires_in"] > 0
     assert [(o["seq"], o["status"]) for o in ops] == [(1, "running"), (2, "queued")]
