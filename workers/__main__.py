@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             leases.register_worker(s, worker_id=worker_id, host=host, device=device, queue=queue, pid=os.getpid())
 
     _wait_for_schema(settings, db, register)
+    from workers.metrics import serve_metrics
+
+    serve_metrics(settings, worker_id, device, args.gpu)  # GPU and snapshot numbers (docs/metrics.md)
     log.info(
         "worker %s on %s serving %s (queue %s)",
         worker_id,

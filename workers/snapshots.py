@@ -23,6 +23,7 @@ from app.db.engine import Database
 from app.queue import snapshots
 from app.queue.commit import Fenced
 from app.snapshot_manifest import write_manifest
+from workers import metrics
 from workers.faults import fault
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class SnapshotWriter:
         rel = f"{run_id.replace(':', '_')}/snap-{seq:010d}-e{epoch}"
         final = self.root / rel
         tmp = final.parent / f".{final.name}.tmp"
+        started = time.monotonic()
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -115,6 +117,7 @@ class SnapshotWriter:
             for path in dropped:
                 shutil.rmtree(self.root / path, ignore_errors=True)
             self._remove_unregistered(run_id, final.parent, epoch)
+            metrics.snapshot_written(time.monotonic() - started, size)
             log.info("snapshot of %s at seq %d written (%d bytes)", run_id, seq, size)
         except Fenced as exc:
             log.warning("snapshot discarded: %s", exc)
