@@ -191,6 +191,9 @@ class Settings(BaseModel):
     # Peers whose X-Forwarded-Proto/-Host/-For headers are believed (addresses or networks, "*"
     # for any): the reverse proxies in front of the API (app/api/proxy.py).
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    # Tenants whose keys see every tenant's runs, checkpoints and queue in the read-only web
+    # dashboard (docs/dashboard.md); any other key sees its own tenant only.
+    dashboard_admin_tenants: list[str] = Field(default_factory=list)
 
     @property
     def embedded(self) -> bool:

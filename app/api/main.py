@@ -37,6 +37,7 @@ from app.api.routes import (
 from app.api.state import AppState
 from app.auth import KeyResolver
 from app.config import Settings
+from app.dashboard.routes import router as dashboard_router
 from app.db.engine import Database, DbTimeouts
 from app.domain.errors import DomainError, InvalidInput, NotFound, PayloadTooLarge
 from app.doorbell import make_doorbell
@@ -226,6 +227,7 @@ def create_app(
     install_error_handlers(app)
     for module in (client, sessions, training, sampling, futures, rest, checkpoints, downloads, oai, audit, metrics):
         app.include_router(module.router)
+    app.include_router(dashboard_router)  # read-only HTML pages (docs/dashboard.md)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(ForwardedHeaders, proxies=settings.trusted_proxies)
     logredact.install()  # signed download tokens never reach a log line
