@@ -69,15 +69,24 @@ cookbook: $(COOKBOOK_STAMP)
 run: install
 	$(VENV)/bin/tuft launch $(ARGS)
 
-services:
+services: browser
 	bash scripts/ensure-services.sh
+
+# The dashboard's browser tests (tests/e2e/test_dashboard.py) drive Debian's chromium through
+# playwright: installed here when missing (root with apt, as on the CI machine), never through
+# `playwright install`, which downloads its own browser.
+.PHONY: browser
+browser:
+	@test -x /usr/bin/chromium || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 test: install services lint sdk-matrix cookbook
 	TUFT_SDK_MATRIX=$(abspath $(SDK_DIR)) $(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-sdk-old
 
 test-sdk-old: install $(STAMP_OLD) services
-	TUFT_SERVER_PYTHON=$(abspath $(PY)) $(VENV_OLD)/bin/python -m pytest -m "e2e and not chaos" tests/e2e \
+	@# The dashboard's browser tests check the server's pages, not the SDK: they run once, in `test`.
+	TUFT_SERVER_PYTHON=$(abspath $(PY)) $(VENV_OLD)/bin/python -m pytest -m "e2e and not chaos and not browser" tests/e2e \
 		-p no:cacheprovider $(PYTEST_ARGS)
 
 test-sdk-matrix: install sdk-matrix services

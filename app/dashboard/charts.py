@@ -27,8 +27,9 @@ def line_chart(name: str, points: list[tuple[int, float]]) -> str:
     y0, y1 = min(ys), max(ys)
     if x1 == x0:
         x1 = x0 + 1
-    if y1 == y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
+    if y1 == y0:  # a constant (a fixed learning rate): centre it
+        pad = abs(y0) * 0.1 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def sx(x: float) -> float:
@@ -58,6 +59,13 @@ def line_chart(name: str, points: list[tuple[int, float]]) -> str:
     )
 
 
+TIMELINE_WIDTH, TIMELINE_LEFT = 760, 170
+
+
+def _op_label(op: Op) -> str:
+    return f"{'-' if op.seq is None else op.seq} {op.kind}"
+
+
 def timeline(ops: list[Op], now: float) -> str:
     """One row per op: a light bar while it waited in the queue (created to started), a dark one
     while it ran (started to finished); an op still pending runs to `now`."""
@@ -66,12 +74,13 @@ def timeline(ops: list[Op], now: float) -> str:
     t0 = min(op.created_at for op in ops)
     t1 = max(max(op.finished_at or now, op.started_at or 0.0) for op in ops)
     span = max(t1 - t0, 1e-3)
-    row_h = 6
-    plot_w = WIDTH - LEFT - RIGHT
+    # Rows shrink as ops add up (at most queries.OPS_LIMIT), labelled while there is room.
+    row_h = max(4, min(14, 700 // len(ops)))
+    plot_w = TIMELINE_WIDTH - TIMELINE_LEFT - RIGHT
     height = TOP + len(ops) * row_h + BOTTOM
 
     def sx(t: float) -> float:
-        return LEFT + (t - t0) / span * plot_w
+        return TIMELINE_LEFT + (t - t0) / span * plot_w
 
     bars = []
     for i, op in enumerate(ops):
@@ -79,21 +88,26 @@ def timeline(ops: list[Op], now: float) -> str:
         colour = STATUS_COLOURS.get(op.status, "#555")
         started = op.started_at if op.started_at is not None else (op.finished_at or now)
         end = op.finished_at if op.finished_at is not None else now
-        label = escape(f"seq {op.seq} {op.kind} {op.status}")
+        label = escape(f"{_op_label(op)} {op.status}")
+        text = (
+            f'<text x="{TIMELINE_LEFT - 4}" y="{y + row_h - 3}" text-anchor="end">{escape(_op_label(op))}</text>'
+            if row_h >= 10
+            else ""
+        )
         bars.append(
-            f'<g data-seq="{op.seq}"><title>{label}</title>'
+            f'<g data-seq="{op.seq}"><title>{label}</title>{text}'
             f'<rect x="{sx(op.created_at):.1f}" y="{y}" width="{max(sx(started) - sx(op.created_at), 0.5):.1f}" '
             f'height="{row_h - 1}" fill="{colour}" opacity="0.3"/>'
             f'<rect x="{sx(started):.1f}" y="{y}" width="{max(sx(end) - sx(started), 0.5):.1f}" '
             f'height="{row_h - 1}" fill="{colour}"/></g>'
         )
     axis = (
-        f'<text x="{LEFT}" y="{height - 8}">0 s</text>'
-        f'<text x="{LEFT + plot_w}" y="{height - 8}" text-anchor="end">{span:.3g} s</text>'
-        f'<text x="{LEFT - 4}" y="{TOP + 6}" text-anchor="end">seq {ops[0].seq}</text>'
-        f'<text x="{LEFT - 4}" y="{TOP + len(ops) * row_h}" text-anchor="end">seq {ops[-1].seq}</text>'
+        f'<text x="{TIMELINE_LEFT}" y="{height - 8}">0 s</text>'
+        f'<text x="{TIMELINE_LEFT + plot_w}" y="{height - 8}" text-anchor="end">{span:.3g} s</text>'
     )
     return (
-        f'<svg class="timeline" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" role="img" '
-        f'aria-label="op timeline">{axis}{"".join(bars)}</svg>'
+        f'<svg class="timeline" viewBox="0 0 {TIMELINE_WIDTH} {height}" width="{TIMELINE_WIDTH}" height="{height}" '
+        f'role="img" aria-label="op timeline">{axis}{"".join(bars)}</svg>'
+        '<p class="muted">Light: waiting in the queue; dark: running. Green succeeded, red failed, '
+        "blue running, grey queued.</p>"
     )

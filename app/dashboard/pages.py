@@ -14,6 +14,7 @@ from app.dashboard import charts
 from app.dashboard.metrics import RunMetrics
 from app.dashboard.queries import OPS_LIMIT, QueueGroup
 from app.db.models import Checkpoint, Op, Run, Worker
+from app.queue.leases import worker_state
 
 STYLE = """
 body{font:14px system-ui,sans-serif;margin:0;color:#222}
@@ -173,20 +174,22 @@ def run_page(base: str, run: Run, metrics: RunMetrics, ops: list[Op], ckpts: lis
     )
 
 
-def workers_page(base: str, rows: list[Worker], held: dict[str, list[str]], now: float) -> str:
+def workers_page(base: str, rows: list[Worker], held: dict[str, list[str]], now: float, lease_ttl: float) -> str:
     if not rows:
         return "<p>No worker has registered.</p>"
     headers = ["worker", "host", "device", "queue", "pid", "state", "heartbeat age s", "started", "runs held"]
-    headers.append("GPU memory")
     body = (
         f'<tr data-worker="{escape(w.worker_id)}">{cell(w.worker_id)}{cell(w.host)}{cell(w.device)}{cell(w.queue)}'
-        f"{cell(w.pid, num=True)}{cell('stopped' if w.stopped_at is not None else 'live')}"
+        f"{cell(w.pid, num=True)}{cell(worker_state(w.stopped_at, now - w.heartbeat_at, lease_ttl))}"
         f"{cell(f'{now - w.heartbeat_at:.1f}', num=True)}{cell(when(w.started_at))}"
-        f"<td>{', '.join(run_link(base, r) for r in held.get(w.worker_id, [])) or '-'}</td>"
-        f"{cell('not recorded')}</tr>"
+        f"<td>{', '.join(run_link(base, r) for r in held.get(w.worker_id, [])) or '-'}</td></tr>"
         for w in rows
     )
-    note = '<p class="muted">GPU memory: the worker heartbeat rows do not record it yet (docs/dashboard.md).</p>'
+    # The heartbeat rows hold no GPU figures; each worker exports them on its own /metrics.
+    note = (
+        '<p class="muted">GPU memory is not in the database: each worker serves it on its own /metrics '
+        "(tuft_worker_gpu_memory_* with <code>worker_metrics_port</code> set; docs/dashboard.md).</p>"
+    )
     return table("workers", headers, body) + note
 
 

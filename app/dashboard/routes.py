@@ -95,13 +95,15 @@ async def checkpoints(request: Request) -> Response:
 
 @router.get("/workers")
 async def workers(request: Request) -> Response:
+    state: AppState = request.app.state.tuft
+
     def render(s: DbSession, viewer: Viewer) -> tuple[int, str]:
         rows = queries.workers(s)
         held: dict[str, list[str]] = {}
         # A tenant sees the shared workers but only its own runs on them.
         for worker_id, run_id, _ in queries.held_runs(s, viewer.scope, [w.worker_id for w in rows]):
             held.setdefault(worker_id, []).append(run_id)
-        return 200, pages.workers_page("./", rows, held, db_now(s))
+        return 200, pages.workers_page("./", rows, held, db_now(s), state.settings.lease_ttl_seconds)
 
     return await _page(request, "./", "Workers", render)
 

@@ -8,11 +8,10 @@ lets these tests skip where it is missing."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +22,9 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.e2e.server import REPO, TUFT, LiveServer, embedded
+from app.db.engine import Database
+from app.queue import admin
+from tests.e2e.server import LiveServer, embedded
 from tests.e2e.test_training import memorise_datum, resolved
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -139,14 +140,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         client_b = tinker.ServiceClient(base_url=server.url, api_key=KEY_B)
         training_b = resolved(client_b.create_lora_training_client(base_model="tuft/tiny-qwen3", rank=4))
         training_b.forward_backward([memorise_datum()], "cross_entropy").result(timeout=60)
-        # An operator's pause gives one run a state other than active, with its reason.
-        subprocess.run(
-            [*TUFT, "runs", "pause", run_a2, "--data-dir", str(server.data_dir)],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        # An operator's pause (`tuft runs pause`) gives one run a state other than active, with a reason.
+        with _database(server) as db, db.write() as s:
+            admin.pause(s, run_a2)
         url = f"http://127.0.0.1:{proxy.server_address[1]}{PREFIX}"
         yield World(server, url, run_a, run_a2, training_b.model_id, losses, norms, paths)
     finally:
@@ -154,17 +150,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         server.stop()
 
 
+@contextmanager
+def _database(server: LiveServer) -> Iterator[Database]:
+    """The embedded server's own SQLite database, as the admin CLI opens it."""
+    db = Database(f"sqlite:///{server.data_dir / 'tuft.db'}", "test")
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
 def _admin_runs(server: LiveServer) -> dict[str, dict[str, Any]]:
-    """Run states as the admin CLI reads them from the database (the Tinker API has no state)."""
-    out = subprocess.run(
-        [*TUFT, "runs", "list", "--json", "--data-dir", str(server.data_dir)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    return {r["run_id"]: r for r in json.loads(out)}
+    """Run states as `tuft runs list` reads them from the database (the Tinker API has none)."""
+    with _database(server) as db, db.read() as s:
+        return {r["run_id"]: r for r in admin.run_rows(s)}
 
 
 @pytest.fixture(scope="module")
