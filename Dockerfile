@@ -49,8 +49,13 @@ RUN --mount=type=bind,target=/ctx \
     && rm /tmp/requirements.txt /tmp/pyproject.toml /tmp/constraints.txt
 
 # 3. TuFT itself (app, workers, migrations), installed as a regular package.
-COPY . /src
-RUN pip install --no-deps /src && rm -rf /src
+#    Copied folder by folder: `COPY . /src` would put ./wheels in a layer of the image. Its build
+#    backend, setuptools, also comes from ./wheels when offline.
+COPY pyproject.toml README.md /src/
+COPY app /src/app
+COPY workers /src/workers
+COPY migrations /src/migrations
+RUN --mount=type=bind,target=/ctx pip install --find-links /ctx/wheels --no-deps /src && rm -rf /src
 
 RUN useradd --create-home --uid 1000 tuft && mkdir -p /data && chown tuft:tuft /data
 USER tuft
