@@ -95,7 +95,7 @@ def timeline(ops: list[Op], now: float) -> str:
             else ""
         )
         bars.append(
-            f'<g data-seq="{op.seq}"><title>{label}</title>{text}'
+            f'<g data-seq="{"" if op.seq is None else op.seq}"><title>{label}</title>{text}'
             f'<rect x="{sx(op.created_at):.1f}" y="{y}" width="{max(sx(started) - sx(op.created_at), 0.5):.1f}" '
             f'height="{row_h - 1}" fill="{colour}" opacity="0.3"/>'
             f'<rect x="{sx(started):.1f}" y="{y}" width="{max(sx(end) - sx(started), 0.5):.1f}" '
