@@ -52,8 +52,9 @@ def _rows(table: TokenTable) -> tuple[list[list[int]], list[list[float]]]:
 
 def test_topk_sample_logprobs_match_a_full_forward(engine: TorchEngine, full_logprobs: FullLogprobs) -> None:
     k = 5
-    result = _sample(engine, num_samples=3, max_tokens=6, seed=11, stop_at_eos=False, topk_sample_logprobs=k)
-    plain = _sample(engine, num_samples=3, max_tokens=6, seed=11, stop_at_eos=False)
+    # Seed 19: under the counter-based noise (sampler_rows.py) some sampled tokens land in the top-k.
+    result = _sample(engine, num_samples=3, max_tokens=6, seed=19, stop_at_eos=False, topk_sample_logprobs=k)
+    plain = _sample(engine, num_samples=3, max_tokens=6, seed=19, stop_at_eos=False)
     # Asking for alternatives changes nothing about what is sampled.
     assert [s.tokens for s in result.sequences] == [s.tokens for s in plain.sequences]
     assert [s.logprobs for s in result.sequences] == [s.logprobs for s in plain.sequences]

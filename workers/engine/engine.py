@@ -14,7 +14,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -30,6 +30,7 @@ from workers.engine import checkpoint
 from workers.engine.adapters import AdapterHost, adapter_name_for, peft_config_for
 from workers.engine.base_models import LoadedModel, config_vocab_size, load_base_model, resolve_dtype
 from workers.engine.config import EngineConfig
+from workers.engine.decode import SampleJob, SampleRequest, adapter_chunks, decode_batch
 from workers.engine.determinism import configure_determinism
 from workers.engine.errors import OpInputError, translate_device_errors
 from workers.engine.kernels import apply_fused_kernels
@@ -38,7 +39,7 @@ from workers.engine.losses import prepare_data, run_loss
 from workers.engine.microbatch import MicroBatcher, Report
 from workers.engine.multi_run import RunBatch, run_together, shareable
 from workers.engine.optim import adam_step, new_optimizer, validate_adam
-from workers.engine.sampling import resolve_max_tokens, sample
+from workers.engine.sampling import resolve_max_tokens
 
 SAMPLER_ADAPTER_CACHE = 8  # sampler adapters kept loaded (LRU); each costs only its LoRA weights
 
@@ -479,11 +480,70 @@ class TorchEngine:
     @_serialised
     def sample(self, base_model: str, adapter: Path | None, op: SampleOp) -> SampleResult:
         """Sample from the base model (adapter None) or from a saved adapter folder."""
-        slot = self._slot(base_model)
-        max_tokens = resolve_max_tokens(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
-        name = None if adapter is None else self._sampler_adapter(slot, base_model, Path(adapter))
-        slot.host.activate(name)
-        return sample(slot.loaded, op, max_tokens)
+        result = self.sample_many([SampleRequest(base_model, adapter, op)])[0]
+        if isinstance(result, OpInputError):
+            raise result
+        return result
+
+    @_serialised
+    def sample_many(self, requests: Sequence[SampleRequest]) -> list[SampleResult | OpInputError]:
+        """Run many sample requests, decoded together per base model (decode.py); one result per
+        request, in order. A request that is invalid gets its OpInputError and fails alone."""
+        out: list[SampleResult | OpInputError | None] = [None] * len(requests)
+        by_model: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_model.setdefault(request.base_model, []).append(i)
+        for base_model, indices in by_model.items():
+            try:
+                slot = self._slot(base_model)
+            except OpInputError as exc:
+                out = [exc if i in indices else r for i, r in enumerate(out)]
+                continue
+            for chunk in adapter_chunks([requests[i].adapter for i in indices], indices, SAMPLER_ADAPTER_CACHE):
+                self._sample_chunk(slot, base_model, [(i, requests[i]) for i in chunk], out)
+        return [r for r in out if r is not None]
+
+    def _sample_chunk(
+        self,
+        slot: _Slot,
+        base_model: str,
+        chunk: list[tuple[int, SampleRequest]],
+        out: list[SampleResult | OpInputError | None],
+    ) -> None:
+        jobs: list[tuple[int, SampleJob]] = []
+        for i, request in chunk:
+            try:
+                max_tokens = resolve_max_tokens(request.op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
+                name = (
+                    None if request.adapter is None else self._sampler_adapter(slot, base_model, Path(request.adapter))
+                )
+            except OpInputError as exc:
+                out[i] = exc
+                continue
+            jobs.append((i, SampleJob(request.op, max_tokens, name)))
+        names = {job.adapter for _, job in jobs}
+        if len(names) > 1:
+            # Rows are routed through their adapters when every LoRA layer is a plain linear one;
+            # otherwise each adapter's requests decode as a batch of their own.
+            slot.host.activate(next(n for n in names if n is not None))
+            if not slot.router.supported():
+                for name in sorted(names, key=lambda n: n or ""):
+                    self._decode(slot, [(i, j) for i, j in jobs if j.adapter == name], None, out)
+                return
+        self._decode(slot, jobs, slot.router if len(names) > 1 else None, out)
+
+    def _decode(
+        self,
+        slot: _Slot,
+        jobs: list[tuple[int, SampleJob]],
+        router: RowRouter | None,
+        out: list[SampleResult | OpInputError | None],
+    ) -> None:
+        if not jobs:
+            return
+        results = decode_batch(slot.loaded, [job for _, job in jobs], slot.host.activate, router)
+        for (i, _), result in zip(jobs, results, strict=True):
+            out[i] = result
 
     def _sampler_adapter(self, slot: _Slot, base_model: str, folder: Path) -> str:
         weights_file = folder / checkpoint.ADAPTER_WEIGHTS
