@@ -162,6 +162,9 @@ class Settings(BaseModel):
     # host, plus its GPU index (two workers of one host never clash); unset, no listener.
     worker_metrics_port: int | None = Field(None, ge=1, le=65535)
     worker_metrics_host: str = "0.0.0.0"
+    # Log lines: "text" (time, level, logger, [request id], message) or "json" (one object per
+    # line with the same fields), for a log shipper that parses them (docs/metrics.md "Logs").
+    log_format: Literal["text", "json"] = "text"
 
     # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
     worker_device: str = "auto"
@@ -249,6 +252,7 @@ _ENV_FIELDS = {
     "TUFT_METRICS_TOKEN": "metrics_token",
     "TUFT_METRICS_PORT": "metrics_port",
     "TUFT_WORKER_METRICS_PORT": "worker_metrics_port",
+    "TUFT_LOG_FORMAT": "log_format",
 }
 
 

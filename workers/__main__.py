@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tuft worker: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    from app import logcontext
+
+    logcontext.configure(settings.log_format)  # log_format: text or JSON lines (docs/metrics.md)
     device = _device(args, settings)
     # Refuse a schema this release does not know (a newer release migrated the database) before
     # anything runs; an older one is waited for (the API or `tuft db upgrade` migrates it).

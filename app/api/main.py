@@ -15,12 +15,13 @@ from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import logredact
+from app import logcontext, logredact
 from app.api.catalog import ModelCatalog
 from app.api.decoding import RETRY_AFTER_SECONDS, DecodeBusy, DecodeGate
 from app.api.longpoll import FuturePoller
 from app.api.proxy import ForwardedHeaders
 from app.api.pushes import Pushes
+from app.api.request_id import RequestIdMiddleware
 from app.api.routes import (
     audit,
     checkpoints,
@@ -230,5 +231,8 @@ def create_app(
     app.include_router(dashboard_router)  # read-only HTML pages (docs/dashboard.md)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(ForwardedHeaders, proxies=settings.trusted_proxies)
+    # Outermost: every response, refusals by the middlewares below included, carries its id.
+    app.add_middleware(RequestIdMiddleware)
+    logcontext.install_record_factory()
     logredact.install()  # signed download tokens never reach a log line
     return app

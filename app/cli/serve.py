@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import logcontext
 from app.config import ConfigError, Settings, check_exposure, settings_env
 from app.db import migrate
 from app.db.engine import Database, db_now
@@ -21,8 +22,8 @@ from app.queue import leases
 log = logging.getLogger("tuft")
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(settings: Settings) -> None:
+    logcontext.configure(settings.log_format)
 
 
 def _exposure_ok(settings: Settings, command: str) -> bool:
@@ -47,6 +48,8 @@ def _uvicorn(settings: Settings, on_shutdown: Callable[[], None] | None = None) 
         log_level="info",
         timeout_keep_alive=75,
         access_log=False,
+        # uvicorn's own loggers go to the root handler: the same format (and JSON) as ours.
+        log_config=None,
         # X-Forwarded-* are read by our own middleware (app/api/proxy.py, `trusted_proxies`), which
         # must see the proxy's address, not one uvicorn already replaced.
         proxy_headers=False,
@@ -56,7 +59,7 @@ def _uvicorn(settings: Settings, on_shutdown: Callable[[], None] | None = None) 
 def serve_api(settings: Settings, *, run_migrations: bool = False) -> int:
     """API replicas do not migrate by default: several racing migrations is how schemas break.
     Deployments run `tuft db upgrade` once (compose.yaml's migrate service)."""
-    _configure_logging()
+    _configure_logging(settings)
     if not _exposure_ok(settings, "tuft api"):
         return 2
     url = settings.resolved_database_url()
@@ -183,7 +186,7 @@ def _announce_ready(settings: Settings, stopping: threading.Event) -> None:
 
 
 def launch(settings: Settings) -> int:
-    _configure_logging()
+    _configure_logging(settings)
     if not _exposure_ok(settings, "tuft launch"):
         return 2
     data_dir = settings.resolved_data_dir()
