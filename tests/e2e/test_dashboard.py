@@ -23,7 +23,9 @@ import tinker
 from tinker import types
 
 from app.db.engine import Database
-from app.queue import admin
+from app.db.models import Run
+from app.domain.ops import AdamParams, OptimStepOp
+from app.queue import admin, submit
 from tests.e2e.server import LiveServer, embedded
 from tests.e2e.test_training import memorise_datum, resolved
 
@@ -143,6 +145,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # An operator's pause (`tuft runs pause`) gives one run a state other than active, with a reason.
         with _database(server) as db, db.write() as s:
             admin.pause(s, run_a2)
+            # A paused run takes no ops, so this one waits in the queue page. Submitted through the
+            # queue's own code rather than the SDK, whose future would keep a long poll open.
+            paused = s.get(Run, run_a2)
+            assert paused is not None
+            submit.submit_run_op(s, paused, paused.next_seq, OptimStepOp(adam=AdamParams(learning_rate=0.01)))
         url = f"http://127.0.0.1:{proxy.server_address[1]}{PREFIX}"
         yield World(server, url, run_a, run_a2, training_b.model_id, losses, norms, paths)
     finally:
@@ -248,6 +255,11 @@ def test_tenant_pages_match_the_api(browser: Any, world: World, tmp_path: Path) 
     for name in ("checkpoints", "workers", "queue"):
         page.goto(f"{world.proxy_url}/dashboard/{name}")
         page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+    page.goto(f"{world.proxy_url}/dashboard/queue")
+    waiting = page.locator('table.queue tr[data-model="tuft/tiny-qwen3"][data-tenant="team-a"] td')
+    assert waiting.all_text_contents()[2:4] == ["1", "0"]  # queued, running: the paused run's op
+    assert float(waiting.nth(4).text_content() or "") >= 0
+    assert page.locator('table.queue tr[data-tenant="team-b"]').count() == 0
     page.goto(f"{world.proxy_url}/dashboard/checkpoints")
     assert sorted(_cells(page, "table.checkpoints tbody td:nth-child(4)")) == sorted(world.checkpoints)
     page.goto(f"{world.proxy_url}/dashboard/workers")
@@ -267,6 +279,8 @@ def test_admin_sees_every_tenant(browser: Any, world: World) -> None:
     assert shown == {world.run_a, world.run_a2, world.run_b}
     page.goto(f"{world.proxy_url}/dashboard/runs/{world.run_b}")
     assert "team-b" in page.inner_text("table.facts")
+    page.goto(f"{world.proxy_url}/dashboard/queue")
+    assert page.locator('table.queue tr[data-tenant="team-a"]').count() == 1
 
 
 def test_tenant_b_sees_only_its_run(browser: Any, world: World) -> None:
