@@ -289,6 +289,10 @@ def test_tenant_b_sees_only_its_run(browser: Any, world: World) -> None:
     assert shown == _rest_run_ids(world.server, KEY_B) == {world.run_b}
     page.goto(f"{world.proxy_url}/dashboard/checkpoints")
     assert page.locator("table.checkpoints").count() == 0  # tenant a's checkpoints are not listed
+    page.goto(f"{world.proxy_url}/dashboard/queue")
+    assert page.locator("table.queue").count() == 0  # nor tenant a's waiting op
+    page.goto(f"{world.proxy_url}/dashboard/workers")
+    assert world.run_a not in page.inner_text("table.workers")  # nor the runs a worker holds for a
 
 
 def test_login_refusals_and_header_keys(world: World) -> None:
