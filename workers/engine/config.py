@@ -30,6 +30,10 @@ class EngineConfig:
     batch_runs: whether forward_backward_many gives ops of different runs on one base model one
     pass (multi_run.py): "auto" on CUDA only (engine.batches_runs says why), "on" / "off" force it.
 
+    batch_samples: whether the runner claims several queued samples at once and decodes them in
+    one batch (TorchEngine.sample_many): "auto" on CUDA only, like batch_runs (on the CPU a replay
+    of one sample reproduces the served result bit for bit only if it ran alone); "on" / "off".
+
     autocast: forward_backward under torch.autocast in the base weights' dtype, so the LoRA
     matmuls (float32 weights) run on the tensor cores in bf16 instead of in float32; weights,
     gradients and AdamW stay float32. "auto": on CUDA with bf16/fp16 base weights; "off" keeps
@@ -41,6 +45,7 @@ class EngineConfig:
     kernels: KernelPolicy = "auto"
     batch_runs: BatchRunsPolicy = "auto"
     autocast: AutocastPolicy = "auto"
+    batch_samples: BatchRunsPolicy = "auto"
 
     def __post_init__(self) -> None:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
@@ -49,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}")
         if self.batch_runs not in ("auto", "on", "off"):
             raise ValueError(f"batch_runs must be auto, on or off, got {self.batch_runs!r}")
+        if self.batch_samples not in ("auto", "on", "off"):
+            raise ValueError(f"batch_samples must be auto, on or off, got {self.batch_samples!r}")
         if self.autocast not in ("auto", "on", "off"):
             raise ValueError(f"autocast must be auto, on or off, got {self.autocast!r}")
         if self.kernels not in ("auto", "liger", "torch"):

@@ -37,8 +37,8 @@ from workers.engine.sampler_rows import build_rows, choose, hits_stop, vocab_has
 
 SYNC_EVERY = 8  # decode steps between host looks at the batch (stop strings, finished rows)
 
-# (adapter name or None for the base model, first row, end row) of a batch, rows grouped by adapter.
-Segments = list[tuple[str | None, int, int]]
+# (adapter name, first row, end row) of a batch, rows grouped by adapter.
+Segments = list[tuple[str, int, int]]
 
 
 @dataclass(frozen=True)
@@ -277,6 +277,7 @@ class _Decoder:
         segments: Segments = []
         for pos, row in enumerate(self.live):
             name = self.owner[row][0].job.adapter
+            assert name is not None  # routed batches hold adapter rows only (TorchEngine._sample_chunk)
             if segments and segments[-1][0] == name:
                 segments[-1] = (name, segments[-1][1], pos + 1)
             else:

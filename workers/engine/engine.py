@@ -503,6 +503,12 @@ class TorchEngine:
                 self._sample_chunk(slot, base_model, [(i, requests[i]) for i in chunk], out)
         return [r for r in out if r is not None]
 
+    def batches_samples(self) -> bool:
+        """Whether the runner should hand this engine several samples at once (EngineConfig)."""
+        if self._config.batch_samples == "auto":
+            return self._device.type == "cuda"
+        return self._config.batch_samples == "on"
+
     def _sample_chunk(
         self,
         slot: _Slot,
@@ -521,16 +527,19 @@ class TorchEngine:
                 out[i] = exc
                 continue
             jobs.append((i, SampleJob(request.op, max_tokens, name)))
-        names = {job.adapter for _, job in jobs}
+        # Base-model requests decode as a batch of their own: routing adds an adapter to every row.
+        self._decode(slot, [(i, j) for i, j in jobs if j.adapter is None], None, out)
+        tuned = [(i, j) for i, j in jobs if j.adapter is not None]
+        names = sorted({job.adapter for _, job in tuned if job.adapter is not None})
         if len(names) > 1:
             # Rows are routed through their adapters when every LoRA layer is a plain linear one;
             # otherwise each adapter's requests decode as a batch of their own.
-            slot.host.activate(next(n for n in names if n is not None))
+            slot.host.activate(names[0])
             if not slot.router.supported():
-                for name in sorted(names, key=lambda n: n or ""):
-                    self._decode(slot, [(i, j) for i, j in jobs if j.adapter == name], None, out)
+                for name in names:
+                    self._decode(slot, [(i, j) for i, j in tuned if j.adapter == name], None, out)
                 return
-        self._decode(slot, jobs, slot.router if len(names) > 1 else None, out)
+        self._decode(slot, tuned, slot.router if len(names) > 1 else None, out)
 
     def _decode(
         self,

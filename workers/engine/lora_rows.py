@@ -26,13 +26,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 # (adapter name, first row, end row) along the layer input's first dimension; None: PEFT as usual.
-# A segment named None adds nothing: base-model rows in a batch with adapter rows (sampling).
-Segments = tuple[tuple[str | None, int, int], ...]
+Segments = tuple[tuple[str, int, int], ...]
 _segments: ContextVar[Segments | None] = ContextVar("tuft_lora_segments", default=None)
 
 
 @contextmanager
-def routed(segments: Sequence[tuple[str | None, int, int]]) -> Iterator[None]:
+def routed(segments: Sequence[tuple[str, int, int]]) -> Iterator[None]:
     """Route the LoRA layers' inputs by row segments while the block runs."""
     token = _segments.set(tuple(segments))
     try:
@@ -49,16 +48,12 @@ def _add_segment_deltas(module: nn.Module, args: tuple[torch.Tensor, ...], outpu
     x = args[0]
     pieces = []
     for name, start, end in segments:
-        if name is None:
-            pieces.append(output.new_zeros(end - start, *output.shape[1:]))
-            continue
         lora_a, lora_b = module.lora_A[name], module.lora_B[name]
         weight = lora_a.weight
         assert isinstance(weight, torch.Tensor)
         rows = x[start:end].to(weight.dtype)
         pieces.append(lora_b(lora_a(rows)) * module.scaling[name])
-    # Cast before joining: a None segment's zeros are in the output's dtype, LoRA pieces in theirs.
-    delta = pieces[0] if len(pieces) == 1 else torch.cat([p.to(output.dtype) for p in pieces])
+    delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return output + delta.to(output.dtype)
 
 
