@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--quick", action="store_true", help="skip the masked and TF32 variants")
+    p.add_argument("--shipped", action="store_true", help="only the naive loop and the engine as configured by default")
     p.add_argument("--compile", action="store_true", help="also torch.compile each decoder layer")
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -104,6 +105,25 @@ def main() -> None:
         clear()
 
     import tempfile
+
+    if args.shipped:
+        # The engine as it ships (EngineConfig's defaults: fused kernels, bf16 autocast, routed
+        # LoRA, deterministic kernels), then the same without deterministic kernels.
+        shipped = make_engine(args.shape, Path(tempfile.mkdtemp()), args.rank, EngineConfig())
+        shipped_ops = {shape: engine_op(*shape) for shape in shapes}
+        measure("engine-shipped", lambda n, seq: lambda: shipped.forward_backward("bench", shipped_ops[(n, seq)]))
+        if args.profile:
+            profile(lambda: shipped.forward_backward("bench", shipped_ops[shapes[0]]), "engine-shipped")
+        torch.use_deterministic_algorithms(False)
+        measure(
+            "engine-shipped-nondeterministic",
+            lambda n, seq: lambda: shipped.forward_backward("bench", shipped_ops[(n, seq)]),
+        )
+        if args.out:
+            with open(args.out, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        return
 
     # Torch kernels first; Liger's are patched in below, as kernels="auto" does when installed.
     engine = make_engine(args.shape, Path(tempfile.mkdtemp()), args.rank, EngineConfig(kernels="torch", autocast="off"))

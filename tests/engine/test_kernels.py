@@ -38,8 +38,10 @@ def test_the_cpu_and_the_torch_policy_keep_the_models_own_modules(cache_dir: Pat
 
 @pytest.mark.skipif(not ON_GPU or not HAVE_LIGER, reason="fused kernels run on CUDA with liger-kernel installed")
 def test_fused_kernels_train_like_the_models_own_modules(cache_dir: Path) -> None:
-    """The same run trained with Liger's kernels and with the model's modules: logprobs, loss and
-    the trained adapter agree within bf16 precision."""
+    """The same run with Liger's kernels and with the model's modules: logprobs, loss and
+    gradients agree within bf16 precision. Compared on one step: after several Adam steps at a
+    large learning rate bf16 rounding differences grow (Adam's first steps are about sign(g),
+    which flips for near-zero gradients), which says nothing about the kernels."""
     engines = {
         policy: TorchEngine(
             [builtin_tiny_spec()], device=DEVICE, cache_dir=cache_dir, config=EngineConfig(kernels=policy)
@@ -50,18 +52,20 @@ def test_fused_kernels_train_like_the_models_own_modules(cache_dir: Path) -> Non
     results = {}
     for policy, engine in engines.items():
         engine.create_run("k", TINY, lora(rank=8, seed=2))
-        for _ in range(3):
-            out = engine.forward_backward("k", fb(*data))
-            engine.optim_step("k", OptimStepOp(adam=AdamParams(learning_rate=1e-2)))
-        results[policy] = (out, engine.adapter_state("k"))
+        # One step first, so LoRA B is non-zero and its path is exercised too.
+        engine.forward_backward("k", fb(*data))
+        engine.optim_step("k", OptimStepOp(adam=AdamParams(learning_rate=1e-3)))
+        out = engine.forward_backward("k", fb(*data))
+        results[policy] = (out, engine.adapter_grads("k"))
     model = engines["liger"]._slots[TINY].loaded.model
     assert "forward" in vars(model.model.norm)  # Liger binds its forward on the instance
-    (fused, fused_w), (plain, plain_w) = results["liger"], results["torch"]
+    (fused, fused_g), (plain, plain_g) = results["liger"], results["torch"]
     assert fused.metrics["loss:sum"] == pytest.approx(plain.metrics["loss:sum"], rel=1e-2)
     for a, b in zip(fused.outputs, plain.outputs, strict=True):
         lp_a = torch.frombuffer(bytearray(a["logprobs"].data), dtype=torch.float32)
         lp_b = torch.frombuffer(bytearray(b["logprobs"].data), dtype=torch.float32)
         assert torch.allclose(lp_a, lp_b, atol=ref_tol(1e-5))
-    for key, w in plain_w.items():
-        scale = float(w.abs().max()) or 1.0
-        assert float((fused_w[key] - w).abs().max()) <= 2e-2 * scale, key
+    for key, g in plain_g.items():
+        assert g is not None and fused_g[key] is not None, key
+        cosine = torch.nn.functional.cosine_similarity(g.flatten().double(), fused_g[key].flatten().double(), dim=0)
+        assert cosine > 0.98, (key, float(cosine))

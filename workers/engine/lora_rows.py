@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -46,14 +47,25 @@ def _add_segment_deltas(module: nn.Module, args: tuple[torch.Tensor, ...], outpu
         return None
     assert isinstance(module, LoraLinear)
     x = args[0]
+    # In the activations' dtype (bf16 on a GPU): PEFT casts x to the float32 LoRA weights, runs
+    # both matmuls in float32 off the tensor cores, scales the [tokens, out] product and casts it
+    # back, which on a small model costs more than the base matmul (bench/engine_ablation.py).
+    # Here the small weights are cast instead, the scaling is applied to the [tokens, rank]
+    # intermediate, and the last matmul adds into the base output inside the GEMM (addmm).
+    # Gradients reach the float32 weights through the casts.
     pieces = []
-    for name, start, end in segments:
-        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
-        weight = lora_a.weight
-        assert isinstance(weight, torch.Tensor)
-        rows = x[start:end].to(weight.dtype)
-        pieces.append(lora_b(lora_a(rows)) * module.scaling[name])
-    delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    for adapter, start, end in segments:
+        weight_a = module.lora_A[adapter].weight
+        weight_b = module.lora_B[adapter].weight
+        assert isinstance(weight_a, torch.Tensor) and isinstance(weight_b, torch.Tensor)
+        rows = x[start:end]
+        low = F.linear(rows, weight_a.to(rows.dtype)) * module.scaling[adapter]
+        pieces.append((low, weight_b.to(rows.dtype)))
+    if len(pieces) == 1 and segments[0][1] == 0 and pieces[0][0].shape[0] == output.shape[0]:
+        low, weight = pieces[0]
+        flat = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), weight.t())
+        return flat.reshape(output.shape)
+    delta = torch.cat([F.linear(low, weight) for low, weight in pieces])
     return output + delta.to(output.dtype)
 
 
