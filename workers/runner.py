@@ -33,7 +33,7 @@ from app.queue import checkpoints, claim, commit, handback, leases, stability
 from app.queue.claim import ReadyOp
 from app.queue.commit import Fenced, Outcome
 from app.queue.survey import survey
-from workers import train_batch
+from workers import sample_batch, train_batch
 from workers.execute import apply_mutation, write_checkpoint
 from workers.faults import fault
 from workers.recovery import RunStates
@@ -481,6 +481,9 @@ class Runner:
 
     # ---- sampling --------------------------------------------------------------------------
     def _sample_once(self) -> bool:
+        together = sample_batch.sample_together(self)  # several samples in one decode (issue 9)
+        if together is not None:
+            return together
         # Abandoned samples (a worker died mid-sample) are requeued by the sweeper; one that ended
         # its worker max_op_attempts times is failed instead of run (claim.fail_poison_samples).
         limit = self.settings.max_op_attempts
@@ -491,14 +494,18 @@ class Runner:
             log.error("ALERT poison sample %s (tenant %s): %s", poison.request_id, poison.tenant, poison.message)
         if claimed is None:
             return bool(poisoned)
-        outcome = self._sample_outcome(claimed)
+        self._settle_sample(claimed, self._sample_outcome(claimed))
+        return True
+
+    def _settle_sample(self, claimed: claim.ClaimedSample, outcome: Outcome | None) -> None:
+        """Commit a claimed sample's outcome (None: hand it back)."""
         if outcome is None:
             # An outage mid-sample: back to the queue, for us or any worker, once it is over.
             self.handed_back += 1
             self._commit(
                 lambda s: handback.give_back_sample(s, worker_id=self.worker_id, request_id=claimed.request_id)
             )
-            return True
+            return
 
         def commit_with_records(s: DbSession) -> None:
             commit.commit_sample(s, worker_id=self.worker_id, request_id=claimed.request_id, outcome=outcome)
@@ -515,7 +522,6 @@ class Runner:
             self._commit(commit_with_records)
         except Fenced as exc:
             log.warning("sample result discarded: %s", exc)
-        return True
 
     def _sample_outcome(self, claimed: claim.ClaimedSample) -> Outcome | None:
         """Run a claimed sample: its outcome, or None to hand it back (a transient error). Out of
