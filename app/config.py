@@ -153,11 +153,13 @@ class Settings(BaseModel):
     # carrying `Authorization: Bearer <metrics_token>` (404 while unset: the numbers name every
     # tenant, so they are an operator's, not an API key's). metrics_port serves the same page
     # without authentication on a separate listener (metrics_host, loopback by default), for a
-    # scraper on a private network. Numbers read from the database are cached metrics_cache_seconds.
+    # scraper on a private network. Numbers read from the database are cached metrics_cache_seconds:
+    # computing them scans the ops table (~2.4 s per million ops here, bench/metrics_cost.py), so
+    # the default is a usual scrape interval, not less.
     metrics_token: str | None = None
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
-    metrics_cache_seconds: float = Field(5.0, ge=0)
+    metrics_cache_seconds: float = Field(15.0, ge=0)
     # Each worker's own numbers (GPU memory and utilisation, snapshot writes) on this port of its
     # host, plus its GPU index (two workers of one host never clash); unset, no listener.
     worker_metrics_port: int | None = Field(None, ge=1, le=65535)

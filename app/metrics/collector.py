@@ -59,18 +59,16 @@ class DatabaseCollector(Collector):
 
     def _build(self) -> list[Metric]:
         with self.db.read() as s:
-            histograms = queries.stage_histograms(s)
+            ops = queries.op_summary(s)
             depth = queries.queue_depth(s)
-            finished = queries.finished_ops(s)
-            token_rows = queries.tokens(s)
             runs = queries.runs_by_status(s)
             snaps = queries.snapshots(s)
             worker_rows = queries.workers(s, self.lease_ttl)
         return [
-            *_latency(histograms),
+            *_latency(ops.histograms),
             *_queue(depth),
-            *_ops(finished),
-            _tokens(token_rows),
+            *_ops(ops.finished),
+            _tokens(ops.tokens),
             _runs(runs),
             *_snapshots(snaps),
             *_workers(worker_rows),
