@@ -63,7 +63,8 @@ def op_summary(s: DbSession, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Op
     cheaper than one SUM(CASE) per bucket, which the database evaluates for every row."""
     histograms: list[StageHistogram] = []
     for stage, (start, end) in STAGES.items():
-        # Clamped at 0: on SQLite the API's and the database's clocks stamp different columns.
+        # Clamped at 0: the two stamps come from different statements, and a clock step between
+        # them must not give a negative latency.
         delta = func.max(end - start, 0) if _sqlite(s) else func.greatest(end - start, 0)
         bucket = case(*((delta <= b, i) for i, b in enumerate(buckets)), else_=len(buckets))
         rows = s.execute(
