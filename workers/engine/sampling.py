@@ -1,5 +1,9 @@
 """sample: autoregressive decoding with a KV cache, written out so every choice is explicit.
 
+The engine samples through the batched decoder (decode.py, TorchEngine.sample_many) since issue 9;
+`sample` here is the one-request reference it is tested against (greedy tokens and logprobs) and
+the old loop bench/sampler.py compares with. resolve_max_tokens validates for both.
+
 Semantics (chosen to match Tinker/vLLM where they define them):
 - Each sampled token's logprob is log_softmax of the *raw* logits (before temperature, top-k, top-p),
   i.e. the model's own probability of the token: what RL losses need for importance ratios.
