@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from app.domain.models import ModelSpec
 from app.domain.ops import OptimStepOp, SampleOp, SamplingParams
 from app.domain.results import SampleResult
-from tests.engine.helpers import TINY, datum, fb, lora, ref_tol
-from workers.engine import OpInputError, TorchEngine, build_tiny_model, build_tiny_tokenizer
-from workers.engine.decode import SampleRequest
+from tests.engine.helpers import DEVICE, TINY, datum, fb, lora, ref_tol
+from tests.engine.test_architectures import ARCHS
+from tests.engine.test_architectures import _config as arch_config
+from workers.engine import OpInputError, TorchEngine, build_tiny_model, build_tiny_tokenizer, decode
+from workers.engine.decode import ROW_CACHE_MODELS, SampleRequest
 from workers.engine.sampler_rows import mix32
 from workers.engine.sampling import sample as reference_sample
 
@@ -191,3 +196,31 @@ def test_noise_hash_is_the_32_bit_hash_in_int64_tensors() -> None:
     # Products wrap int64 in the tensor version; the low 32 bits must still equal plain integers'.
     xs = [0, 1, 12345, 2**31, 2**32 - 1, 0xDEADBEEF]
     assert mix32(torch.tensor(xs, dtype=torch.int64)).tolist() == [_lowbias32(x) for x in xs]
+
+
+@pytest.mark.parametrize("model_type", sorted(ROW_CACHE_MODELS))
+def test_row_cache_equals_hf_cache_on_each_listed_architecture(
+    model_type: str, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every architecture decoded through kv_cache.RowCache gives what HF's own cache gives (the
+    path taken by architectures not listed): same tokens, logprobs within float rounding."""
+    if model_type not in ARCHS:
+        pytest.skip(f"{model_type} is not among test_architectures' models")
+    config = arch_config(model_type, ARCHS[model_type][0])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(tmp_path / model_type)
+        build_tiny_tokenizer(cache_dir).save_pretrained(tmp_path / model_type)
+    spec = ModelSpec(model_name=model_type, model_path=str(tmp_path / model_type), max_model_len=64)
+    engine = TorchEngine([spec], device=DEVICE, cache_dir=cache_dir)
+    prompts = [tuple(range(3, 3 + n)) for n in (2, 5, 9)]
+    ops = [_op(p, n=2, max_tokens=7, seed=i, temperature=0 if i == 0 else 1.0) for i, p in enumerate(prompts)]
+    requests = [SampleRequest(model_type, None, op) for op in ops]
+    rows = engine.sample_many(requests)
+    monkeypatch.setattr(decode, "ROW_CACHE_MODELS", frozenset())
+    hf = engine.sample_many(requests)
+    for a, b in zip(rows, hf, strict=True):
+        assert isinstance(a, SampleResult) and isinstance(b, SampleResult)
+        _close(a, b)

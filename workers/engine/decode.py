@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from app.domain.ops import SampleOp
 from app.domain.results import SampledSequence, SampleResult
@@ -117,15 +117,39 @@ def decode_batch(
                 request.first_rows = sum(k for _, k in prefills)
                 prefills.append((cache, n))
                 first_logits.append(project(model, hidden[-1:]).expand(n, -1))
-        if prefills:
-            live = [requests[i] for i in order if jobs[i].max_tokens > 0]
+        live = [requests[i] for i in order if jobs[i].max_tokens > 0]
+        if live and row_cache_fits(model):
             activate(live[0].job.adapter)
             decoder = _Decoder(lm, live, prefills, torch.cat(first_logits), router is not None)
             # No adapter is PEFT-active inside router.batch: the routing hooks add every row's own.
             with router.batch([]) if router is not None else nullcontext():
                 decoder.run()
             decoder.collect()
+        else:
+            # Architectures the row cache is not known to fit decode request by request through
+            # HF's own cache: the same per-row choice and noise, so the same tokens for a seed.
+            for request, prefill, logits in zip(live, prefills, first_logits, strict=True):
+                activate(request.job.adapter)
+                decoder = _Decoder(lm, [request], [prefill], logits, False, own=prefill[0])
+                decoder.run()
+                decoder.collect()
     return [_result(requests[i]) for i in range(len(jobs))]
+
+
+# Decoders whose attention layers call cache.update(key, value, layer_idx) with position ids and a
+# ready mask mapping, as kv_cache.RowCache expects (checked against HF's own decode in tests).
+ROW_CACHE_MODELS = frozenset({"qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral", "olmo2", "granite", "phi3"})
+
+
+def row_cache_fits(model: PreTrainedModel) -> bool:
+    config = model.config
+    attention = getattr(config, "_attn_implementation", None)
+    sliding = bool(getattr(config, "sliding_window", None)) and config.model_type not in _MASK_MAPPING_MODELS
+    return config.model_type in ROW_CACHE_MODELS and attention in ("sdpa", "eager", None) and not sliding
+
+
+# Models whose decoder takes a mask per layer type ({"full_attention": ..., "sliding_attention": ...}).
+_MASK_MAPPING_MODELS = frozenset({"qwen3", "qwen2", "qwen3_moe"})
 
 
 class _Decoder:
@@ -136,7 +160,9 @@ class _Decoder:
         prefills: list[tuple[DynamicCache, int]],
         logits: torch.Tensor,
         route: bool,
+        own: DynamicCache | None = None,
     ) -> None:
+        """own: decode one request's rows in its own prefill cache (HF's) instead of a RowCache."""
         self.lm, self.requests, self.route, self.logits = lm, requests, route, logits
         device = lm.device
         self.allowed = min(lm.vocab_size, len(lm.tokenizer))
@@ -145,7 +171,11 @@ class _Decoder:
         self.budget = max(r.job.max_tokens for r in requests)
         capacity = max(len(r.job.op.prompt) for r in requests) + self.budget
         self.cache = RowCache(capacity, device)
-        self.cache.fill(prefills)
+        self.own = own
+        if own is None:
+            self.cache.fill(prefills)
+        else:
+            own.batch_repeat_interleave(prefills[0][1])
         self.rows = build_rows(
             [
                 (
@@ -228,7 +258,10 @@ class _Decoder:
             return None
         index = torch.tensor(keep, dtype=torch.int64, device=self.lm.device)
         if len(keep) < len(self.live):
-            self.cache.keep(index)
+            if self.own is not None:
+                self.own.batch_select_indices(index)
+            else:
+                self.cache.keep(index)
             self.rows = self.rows.select(index)
             self.live = [self.live[p] for p in keep]
             self.live_index = self.live_index.index_select(0, index)
@@ -252,12 +285,18 @@ class _Decoder:
 
     def _forward(self, chosen: torch.Tensor) -> None:
         model, cache = self.lm.model, self.cache
+        if self.own is not None:
+            self.logits = project(model, decoder_hidden(model, chosen[:, None], cache=self.own)[:, -1])
+            return
         width = cache.begin_step()
         dtype = next(model.parameters()).dtype
         mask = cache.step_mask(width, dtype, self.eager)
-        masks = {"full_attention": mask, "sliding_attention": mask}
+        # A ready 4-D mask is used as it is by HF's mask builders; a model with sliding-window
+        # layers gets a mapping per layer type instead (row_cache_fits admits only those reading one).
+        masks: torch.Tensor | dict[str, torch.Tensor] = mask
         if self.window:
-            masks["sliding_attention"] = cache.step_mask(width, dtype, self.eager, window=self.window)
+            sliding = cache.step_mask(width, dtype, self.eager, self.window)
+            masks = {"full_attention": mask, "sliding_attention": sliding}
         decoder = model.get_decoder()
         kwargs = {_cache_kwarg(decoder): cache}
         with self._routed():
