@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import State, Tenant, body_as
@@ -64,11 +65,12 @@ async def retrieve_future(request: Request, state: State, tenant: Tenant) -> Res
     if view.delivered_at is None:
 
         def delivered() -> None:
-            with state.db.write() as s:
+            with contextlib.suppress(DBAPIError), state.db.write() as s:
                 mark_delivered(s, req.request_id)
 
-        with contextlib.suppress(DBAPIError):
-            await run_in_threadpool(delivered)
+        # After the response is sent, off the client's wait (issue 11: a commit on its way). A mark
+        # lost to a crash only keeps the result longer (retention counts from the first delivery).
+        response.background = BackgroundTask(delivered)
     return response
 
 
