@@ -48,9 +48,23 @@ class RowParams:
     sample_index: torch.Tensor  # [B] int64: which of the request's num_samples the row is
     stop_ids: torch.Tensor  # [B, S] int64, padded with -1
     max_tokens: torch.Tensor  # [B] int64
+    # The filters' settings on the host too, so deciding which filters a step runs never waits on
+    # the device.
+    host_top_k: tuple[int, ...]
+    host_top_p: tuple[float, ...]
 
     def select(self, index: torch.Tensor) -> RowParams:
-        return RowParams(**{name: getattr(self, name).index_select(0, index) for name in self.__dataclass_fields__})
+        keep = index.tolist()
+        tensors = {
+            name: getattr(self, name).index_select(0, index)
+            for name in self.__dataclass_fields__
+            if not name.startswith("host_")
+        }
+        return RowParams(
+            **tensors,
+            host_top_k=tuple(self.host_top_k[i] for i in keep),
+            host_top_p=tuple(self.host_top_p[i] for i in keep),
+        )
 
 
 def build_rows(
@@ -64,15 +78,18 @@ def build_rows(
     def longs(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
+    top_k = [r[1] if 0 < r[1] < allowed else allowed for r in rows]
     return RowParams(
         temperature=torch.tensor([r[0] for r in rows], dtype=torch.float32, device=device),
-        top_k=longs([r[1] if 0 < r[1] < allowed else allowed for r in rows]),
+        top_k=longs(top_k),
         top_p=torch.tensor([r[2] for r in rows], dtype=torch.float32, device=device),
         seed_lo=longs([s & _M32 for s in seeds]),
         seed_hi=longs([s >> 32 for s in seeds]),
         sample_index=longs([r[4] & _M32 for r in rows]),
         stop_ids=longs([t for row in stops for t in row]).view(len(rows), width),
         max_tokens=longs([r[6] for r in rows]),
+        host_top_k=tuple(top_k),
+        host_top_p=tuple(r[2] for r in rows),
     )
 
 
@@ -98,13 +115,13 @@ def choose(logits: torch.Tensor, rows: RowParams, step: int, vocab_hash: torch.T
     scaled = logits / torch.where(greedy, 1.0, rows.temperature)[:, None]
     allowed = logits.shape[-1]
     # The filters keep the argmax, so greedy rows go through them unchanged.
-    if bool((rows.top_k < allowed).any()):
-        kmax = int(rows.top_k.max().clamp(max=allowed))
+    if min(rows.host_top_k) < allowed:
+        kmax = min(max(rows.host_top_k), allowed)
         values = torch.topk(scaled, kmax, dim=-1).values
         kth = values.gather(-1, (rows.top_k.clamp(max=kmax) - 1)[:, None])
         kth = torch.where((rows.top_k < allowed)[:, None], kth, -math.inf)
         scaled = scaled.masked_fill(scaled < kth, -math.inf)  # ties with the k-th stay in, as before
-    if bool((rows.top_p < 1).any()):
+    if min(rows.host_top_p) < 1:
         probs = F.softmax(scaled, dim=-1)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
