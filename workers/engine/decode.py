@@ -121,6 +121,7 @@ def decode_batch(
         if live and row_cache_fits(model):
             activate(live[0].job.adapter)
             decoder = _Decoder(lm, live, prefills, torch.cat(first_logits), router is not None)
+            prefills.clear()  # copied into the batch cache: free the per-prompt caches before decoding
             # No adapter is PEFT-active inside router.batch: the routing hooks add every row's own.
             with router.batch([]) if router is not None else nullcontext():
                 decoder.run()
