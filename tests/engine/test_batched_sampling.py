@@ -224,3 +224,19 @@ def test_row_cache_equals_hf_cache_on_each_listed_architecture(
     for a, b in zip(rows, hf, strict=True):
         assert isinstance(a, SampleResult) and isinstance(b, SampleResult)
         _close(a, b)
+
+
+def test_greedy_equals_hf_generate(engine: TorchEngine) -> None:
+    model = build_tiny_model()
+    ops = [_op(p, max_tokens=8, temperature=0) for p in PROMPTS]
+    for op, got in zip(ops, _many(engine, ops), strict=True):
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([op.prompt]),
+                attention_mask=torch.ones(1, len(op.prompt), dtype=torch.int64),
+                max_new_tokens=8,
+                min_new_tokens=8,  # no EOS stop, as stop_at_eos=False
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert got.sequences[0].tokens == tuple(out[0, len(op.prompt) :].tolist())
