@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         on_renewed=lambda t: setattr(runner, "last_renewal", t),
     )
     heartbeat.start()
+    if not db.sqlite:
+        from workers.pglisten import WorkListener
+
+        WorkListener(db.url, queue, runner.wake, runner.stop).start()
 
     def _stop(*_: object) -> None:
         runner.stop.set()

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import func
+from sqlalchemy import func, literal
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.sql.dml import Update
 
 from app.db.models import Op
 
 CHANNEL = "tuft_done"
+# A new op of a run that a worker owns: `NOTIFY tuft_work, '<the owner's queue>'` from the submitting
+# INSERT, so the owner wakes on the commit without the Celery round (workers/pglisten.py). Ops for
+# the shared queue (new runs, samples) are rung through Celery only, which hands each message to
+# one worker instead of waking all of them.
+WORK_CHANNEL = "tuft_work"
 
 U = TypeVar("U", bound=Update)
 
@@ -26,3 +31,10 @@ def signal_done(s: DbSession, stmt: U) -> Any:
     if s.get_bind().dialect.name == "postgresql":
         return stmt.returning(func.pg_notify(CHANNEL, Op.request_id))
     return stmt.returning(Op.request_id)
+
+
+def signal_work(s: DbSession, queue: str | None) -> list[Any]:
+    """Extra RETURNING columns for an ops INSERT that wake `queue`'s worker on commit (PostgreSQL)."""
+    if queue is None or s.get_bind().dialect.name != "postgresql":
+        return []
+    return [func.pg_notify(WORK_CHANNEL, literal(queue))]

@@ -25,6 +25,7 @@ from app.domain.errors import Conflict, NotFound, SessionFinished
 from app.domain.ops import MUTATING_KINDS, LoraConfig, SampleOp, canonical_bytes, op_sha256
 from app.domain.results import CreateModelResult, result_bytes
 from app.queue import checkpoints
+from app.queue.notify import signal_work
 
 NEW_RUNS_QUEUE = "tuft.new"
 
@@ -215,6 +216,7 @@ def _insert_or_dedupe(
     what: str,
     session_id: str,
     session_finished: str | bool | None = False,
+    wake_queue: str | None = None,
 ) -> str:
     """Insert op_row; if its unique key is taken, return the existing request_id when the stored
     body is identical (a client retry), raise Conflict otherwise. A finished session takes no new
@@ -223,7 +225,8 @@ def _insert_or_dedupe(
     when the caller already read it (RunContext), False to read it here.
 
     One `INSERT ... ON CONFLICT DO NOTHING RETURNING` in the usual case (issue 11): a retry or a
-    race with one finds its row by the key afterwards, in the same transaction."""
+    race with one finds its row by the key afterwards, in the same transaction. `wake_queue`: the
+    owner's queue, woken by a NOTIFY from the same statement when it commits (app/queue/notify.py)."""
     if session_finished is False:
         session = s.get(Session, session_id)
         session_finished = (session.finish_reason or "finished") if session and session.finished_at else None
@@ -234,8 +237,11 @@ def _insert_or_dedupe(
         }
         dialect_insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
         inserted = s.execute(
-            dialect_insert(Op).values(**values).on_conflict_do_nothing().returning(Op.request_id)
-        ).scalar_one_or_none()
+            dialect_insert(Op)
+            .values(**values)
+            .on_conflict_do_nothing()
+            .returning(Op.request_id, *signal_work(s, wake_queue))
+        ).scalar()
         if inserted is not None:
             return str(inserted)
     existing = s.execute(select(Op).where(*key_filter)).scalar_one_or_none()  # type: ignore[arg-type]
@@ -295,6 +301,7 @@ def submit_run_op(
         created_at=now,
         finished_at=now if rejected else None,
     )
+    wakeup = ctx.wakeup if ctx is not None else _wakeup_for_run(s, run)
     request_id = _insert_or_dedupe(
         s,
         row,
@@ -302,10 +309,11 @@ def submit_run_op(
         f"seq_id {seq} of {run.run_id}",
         run.session_id,
         ctx.session_finished if ctx is not None else False,
+        wake_queue=wakeup.queue if wakeup.queue != NEW_RUNS_QUEUE and not rejected else None,
     )
     if ctx is None or now - run.last_request_at >= LAST_REQUEST_RESOLUTION_SECONDS:
         run.last_request_at = now
-    return Submitted(request_id, ctx.wakeup if ctx is not None else _wakeup_for_run(s, run))
+    return Submitted(request_id, wakeup)
 
 
 def create_sampler(
