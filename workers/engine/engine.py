@@ -266,15 +266,10 @@ class TorchEngine:
         data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
         slot.host.activate(run.adapter, trainable=True)
         run.micro_batch_tokens = None
+        # PEFT's own LoRA path, also on CUDA: the routed path (lora_rows.py) measured slower for
+        # a single run on an H100 (docs/performance.md), so it serves only multi-run passes.
         with self._autocast():
-            if self._device.type == "cuda" and slot.router.supported():
-                # The routed LoRA path, one segment (lora_rows.py): bf16 LoRA matmuls without
-                # PEFT's casts; on the CPU PEFT's own path stays the reference.
-                batch = [RunBatch(run.adapter, data)]
-                model, router, batcher = slot.loaded.model, slot.router, slot.batcher
-                result = run_together(model, router, batcher, batch, op.forward_only, micro_batch_tokens)[0]
-            else:
-                result = run_loss(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens)
+            result = run_loss(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens)
         assert slot.batcher.last is not None
         run.micro_batch_tokens = slot.batcher.last.budget_tokens
         return result
