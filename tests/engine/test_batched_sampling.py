@@ -19,7 +19,7 @@ from tests.engine.test_architectures import ARCHS
 from tests.engine.test_architectures import _config as arch_config
 from workers.engine import OpInputError, TorchEngine, build_tiny_model, build_tiny_tokenizer, decode
 from workers.engine.decode import ROW_CACHE_MODELS, SampleRequest
-from workers.engine.sampler_rows import mix32
+from workers.engine.sampler_rows import as_i32, mix32
 from workers.engine.sampling import sample as reference_sample
 
 PROMPTS = ((9707, 1879, 0, 220), (9707, 1879, 0, 220, 3838, 374, 279), (5,), (3838, 374, 279, 1879, 0))
@@ -192,10 +192,12 @@ def _lowbias32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def test_noise_hash_is_the_32_bit_hash_in_int64_tensors() -> None:
-    # Products wrap int64 in the tensor version; the low 32 bits must still equal plain integers'.
-    xs = [0, 1, 12345, 2**31, 2**32 - 1, 0xDEADBEEF]
-    assert mix32(torch.tensor(xs, dtype=torch.int64)).tolist() == [_lowbias32(x) for x in xs]
+def test_noise_hash_is_the_32_bit_hash_in_int32_tensors() -> None:
+    # The tensor version wraps int32 products and emulates logical shifts: the bits must equal
+    # plain integers'.
+    xs = [0, 1, 12345, 2**31, 2**32 - 1, 0xDEADBEEF, 0x7FFFFFFF]
+    got = mix32(torch.tensor([as_i32(x) for x in xs], dtype=torch.int32)).tolist()
+    assert [v & 0xFFFFFFFF for v in got] == [_lowbias32(x) for x in xs]
 
 
 @pytest.mark.parametrize("model_type", sorted(ROW_CACHE_MODELS))

@@ -23,17 +23,29 @@ import torch.nn.functional as F
 _M32 = 0xFFFFFFFF
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (Wellons' lowbias32) over int64 tensors holding values in [0, 2**32).
+def as_i32(value: int) -> int:
+    """The int32 whose bits are the low 32 bits of `value`."""
+    value &= _M32
+    return value - (1 << 32) if value >= 1 << 31 else value
 
-    Products of two 32-bit values may wrap int64; the low 32 bits, all that is kept, are exact
-    either way, and every shift acts on a non-negative value, so CPU and CUDA agree bit for bit.
+
+def _srl(x: torch.Tensor, shift: int) -> torch.Tensor:
+    # A logical right shift of int32 bit patterns (torch's >> is arithmetic on negative values).
+    return (x >> shift) & ((1 << (32 - shift)) - 1)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of int32 tensors taken as 32-bit patterns.
+
+    int32, not int64: CPUs vectorise 32-bit multiplies (AVX2 has none for 64 bits) and GPUs do them
+    in one instruction. Products wrap modulo 2**32, which is the hash's own arithmetic, and every
+    shift is logical, so the CPU and CUDA give the same bits.
     """
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
+    x = x ^ _srl(x, 16)
+    x = x * 0x7FEB352D
+    x = x ^ _srl(x, 15)
+    x = x * as_i32(0x846CA68B)
+    return x ^ _srl(x, 16)
 
 
 @dataclass
@@ -43,9 +55,9 @@ class RowParams:
     temperature: torch.Tensor  # [B] float32; 0 is greedy
     top_k: torch.Tensor  # [B] int64; >= the allowed vocabulary means off
     top_p: torch.Tensor  # [B] float32; 1 is off
-    seed_lo: torch.Tensor  # [B] int64, low and high 32 bits of the request's seed
+    seed_lo: torch.Tensor  # [B] int32 bit patterns: low and high 32 bits of the request's seed
     seed_hi: torch.Tensor
-    sample_index: torch.Tensor  # [B] int64: which of the request's num_samples the row is
+    sample_index: torch.Tensor  # [B] int32: which of the request's num_samples the row is
     stop_ids: torch.Tensor  # [B, S] int64, padded with -1
     max_tokens: torch.Tensor  # [B] int64
     # The filters' settings on the host too, so deciding which filters a step runs never waits on
@@ -78,14 +90,17 @@ def build_rows(
     def longs(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
     top_k = [r[1] if 0 < r[1] < allowed else allowed for r in rows]
     return RowParams(
         temperature=torch.tensor([r[0] for r in rows], dtype=torch.float32, device=device),
         top_k=longs(top_k),
         top_p=torch.tensor([r[2] for r in rows], dtype=torch.float32, device=device),
-        seed_lo=longs([s & _M32 for s in seeds]),
-        seed_hi=longs([s >> 32 for s in seeds]),
-        sample_index=longs([r[4] & _M32 for r in rows]),
+        seed_lo=ints([as_i32(s) for s in seeds]),
+        seed_hi=ints([as_i32(s >> 32) for s in seeds]),
+        sample_index=ints([as_i32(r[4]) for r in rows]),
         stop_ids=longs([t for row in stops for t in row]).view(len(rows), width),
         max_tokens=longs([r[6] for r in rows]),
         host_top_k=tuple(top_k),
@@ -95,18 +110,17 @@ def build_rows(
 
 def gumbel(rows: RowParams, step: int, vocab_hash: torch.Tensor) -> torch.Tensor:
     """Gumbel noise [B, V] for `step`, a function of (seed, sample index, step, token id) only."""
-    key = mix32(
-        rows.seed_lo ^ mix32(rows.seed_hi ^ mix32(rows.sample_index ^ mix32(torch.full_like(rows.seed_lo, step))))
-    )
+    key = mix32(torch.full_like(rows.seed_lo, as_i32(step)))
+    key = mix32(rows.seed_lo ^ mix32(rows.seed_hi ^ mix32(rows.sample_index ^ key)))
     bits = mix32(mix32(key[:, None] ^ vocab_hash[None, :]) ^ key[:, None])
     # 24 bits to a uniform in (0, 1), exactly representable in float32, never 0 or 1.
-    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)
+    uniform = (_srl(bits, 8).to(torch.float32) + 0.5) * (1.0 / 2**24)
     return -torch.log(-torch.log(uniform))
 
 
 def vocab_hashes(allowed: int, device: torch.device) -> torch.Tensor:
     """A per-token-id hash, computed once per batch and mixed with each step's row keys."""
-    return mix32(torch.arange(allowed, dtype=torch.int64, device=device) ^ 0x9E3779B9)
+    return mix32(torch.arange(allowed, dtype=torch.int32, device=device) ^ as_i32(0x9E3779B9))
 
 
 def choose(logits: torch.Tensor, rows: RowParams, step: int, vocab_hash: torch.Tensor) -> torch.Tensor:
