@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.config_legacy import is_legacy, translate
+from app.domain.hf_cache import resolve_model_path
 from app.domain.models import ModelSpec, builtin_tiny_spec
 
 DEV_API_KEY = "tml-local-dev-key"
@@ -167,6 +170,8 @@ class Settings(BaseModel):
     # Log lines: "text" (time, level, logger, [request id], message) or "json" (one object per
     # line with the same fields), for a log shipper that parses them (docs/metrics.md "Logs").
     log_format: Literal["text", "json"] = "text"
+    # Lowest level logged (the original TuFT's `--log-level`; uvicorn's too).
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
     worker_device: str = "auto"
@@ -255,6 +260,7 @@ _ENV_FIELDS = {
     "TUFT_METRICS_PORT": "metrics_port",
     "TUFT_WORKER_METRICS_PORT": "worker_metrics_port",
     "TUFT_LOG_FORMAT": "log_format",
+    "TUFT_LOG_LEVEL": "log_level",
 }
 
 
@@ -274,6 +280,16 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
+        if is_legacy(loaded):
+            loaded, notes = translate(loaded)
+            # Once per process: children of `tuft launch` get the resolved settings, not the file.
+            logging.getLogger("tuft").warning(
+                "%s is an original TuFT config; read with these changes (write a clean file with "
+                "`tuft config convert %s`; docs/migrating-from-tuft.md):\n  %s",
+                config_file,
+                config_file,
+                "\n  ".join(notes),
+            )
         values.update(loaded)
     for env, field in _ENV_FIELDS.items():
         if os.environ.get(env):
@@ -285,8 +301,18 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         settings = Settings.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
+    settings.supported_models = [_from_hf_cache(m) for m in settings.supported_models]
     _check(settings)
     return settings
+
+
+def _from_hf_cache(spec: ModelSpec) -> ModelSpec:
+    """A Hugging Face id as model_path: its snapshot in the local cache when there is one. Clients
+    are still told the id (tokenizer_id), which they can load; the local folder they cannot."""
+    path = resolve_model_path(spec.model_path)
+    if path == spec.model_path:
+        return spec
+    return spec.model_copy(update={"model_path": path, "tokenizer_id": spec.tokenizer_id or spec.model_path})
 
 
 def _check(settings: Settings) -> None:

@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from app import logcontext
 
     logcontext.configure(settings.log_format)  # log_format: text or JSON lines (docs/metrics.md)
+    logging.getLogger().setLevel(settings.log_level.upper())
     device = _device(args, settings)
     # Refuse a schema this release does not know (a newer release migrated the database) before
     # anything runs; an older one is waited for (the API or `tuft db upgrade` migrates it).

@@ -13,9 +13,17 @@ from pathlib import Path
 
 from app.config import DEFAULT_PORT, ConfigError, Settings, load_settings
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="YAML config file (see docs/configuration.md)")
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config file, ours or the original TuFT's (default: $TUFT_CONFIG; docs/configuration.md)",
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="data directory (default ~/.tuft)")
     p.add_argument("--database-url", default=None, help="PostgreSQL URL; default: SQLite in the data dir")
     p.add_argument("--redis-url", default=None, help="Redis URL for the Celery doorbell; default: none")
@@ -23,7 +31,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_server(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("-p", "--port", type=int, default=None, help=f"port (default {DEFAULT_PORT})")
+    # The original TuFT's `tuft launch` flags, so its users' commands keep working.
+    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="lowest level logged (default info)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="checkpoints (default <data-dir>/checkpoints)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,12 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     from app.cli.health import add_parser as add_health_parser
 
     add_health_parser(sub, _add_common)
+    from app.cli.config_cmd import add_parser as add_config_parser
+
+    add_config_parser(sub)
     return parser
+
+
+def config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else TUFT_CONFIG (as in the original TuFT), else none."""
+    given: Path | None = getattr(args, "config", None)
+    if given is None and os.environ.get("TUFT_CONFIG"):
+        return Path(os.environ["TUFT_CONFIG"])
+    return given
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(
-        getattr(args, "config", None),
+        config_path(args),
+        checkpoint_dir=getattr(args, "checkpoint_dir", None),
+        log_level=getattr(args, "log_level", None),
         data_dir=getattr(args, "data_dir", None),
         database_url=getattr(args, "database_url", None),
         redis_url=getattr(args, "redis_url", None),
@@ -87,6 +111,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config":
+        from app.cli.config_cmd import run_config
+
+        return run_config(args)
+    if hasattr(args, "config"):
+        args.config = config_path(args)
     if args.command == "worker":
         # Replace this process with the worker so signals and exit codes are the worker's own.
         cmd = [sys.executable, "-m", "workers"]

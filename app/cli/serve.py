@@ -24,6 +24,7 @@ log = logging.getLogger("tuft")
 
 def _configure_logging(settings: Settings) -> None:
     logcontext.configure(settings.log_format)
+    logging.getLogger().setLevel(settings.log_level.upper())
 
 
 def _exposure_ok(settings: Settings, command: str) -> bool:
@@ -45,7 +46,7 @@ def _uvicorn(settings: Settings, on_shutdown: Callable[[], None] | None = None) 
         create_app(settings, on_shutdown=on_shutdown),
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        log_level=settings.log_level,
         timeout_keep_alive=75,
         access_log=False,
         # uvicorn's own loggers go to the root handler: the same format (and JSON) as ours.
