@@ -242,3 +242,14 @@ def test_greedy_equals_hf_generate(engine: TorchEngine) -> None:
                 pad_token_id=0,
             )
         assert got.sequences[0].tokens == tuple(out[0, len(op.prompt) :].tolist())
+
+
+def test_large_batches_split_by_rows_with_the_same_results(
+    engine: TorchEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = [_op(PROMPTS[i % 4], n=1 + i % 3, max_tokens=5, seed=i) for i in range(5)]
+    whole = _many(engine, ops)
+    monkeypatch.setattr(decode, "MAX_ROWS", 3)  # batches of at most 3 rows: (1, 2), (3), (1, 2)
+    assert decode._row_chunks([1, 2, 3, 1, 2]) == [(0, 2), (2, 3), (3, 5)]
+    for a, b in zip(whole, _many(engine, ops), strict=True):
+        _close(a, b)

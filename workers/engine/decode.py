@@ -36,6 +36,9 @@ from workers.engine.prompt_scoring import PromptScores, score_prompt, topk_table
 from workers.engine.sampler_rows import build_rows, choose, hits_stop, vocab_hashes
 
 SYNC_EVERY = 8  # decode steps between host looks at the batch (stop strings, finished rows)
+# Rows of one decode batch at most: 32 requests of 64 samples would otherwise need 2,048 rows of
+# KV cache and [rows, vocabulary] float32 logits (1.2 GB) at once.
+MAX_ROWS = 256
 
 # (adapter name, first row, end row) of a batch, rows grouped by adapter.
 Segments = list[tuple[str, int, int]]
@@ -119,13 +122,16 @@ def decode_batch(
                 first_logits.append(project(model, hidden[-1:]).expand(n, -1))
         live = [requests[i] for i in order if jobs[i].max_tokens > 0]
         if live and row_cache_fits(model):
-            activate(live[0].job.adapter)
-            decoder = _Decoder(lm, live, prefills, torch.cat(first_logits), router is not None)
-            prefills.clear()  # copied into the batch cache: free the per-prompt caches before decoding
-            # No adapter is PEFT-active inside router.batch: the routing hooks add every row's own.
-            with router.batch([]) if router is not None else nullcontext():
-                decoder.run()
-            decoder.collect()
+            for lo, hi in _row_chunks([r.job.op.num_samples for r in live]):
+                activate(live[lo].job.adapter)
+                decoder = _Decoder(lm, live[lo:hi], prefills[lo:hi], torch.cat(first_logits[lo:hi]), router is not None)
+                for k in range(lo, hi):  # copied into the batch cache: free the prompt's own
+                    prefills[k] = (DynamicCache(config=model.config), 0)
+                    first_logits[k] = first_logits[k][:0]
+                # No adapter is PEFT-active inside router.batch: the routing hooks add every row's own.
+                with router.batch([]) if router is not None else nullcontext():
+                    decoder.run()
+                decoder.collect()
         else:
             # Architectures the row cache is not known to fit decode request by request through
             # HF's own cache: the same per-row choice and noise, so the same tokens for a seed.
@@ -135,6 +141,19 @@ def decode_batch(
                 decoder.run()
                 decoder.collect()
     return [_result(requests[i]) for i in range(len(jobs))]
+
+
+def _row_chunks(rows: list[int]) -> list[tuple[int, int]]:
+    """Consecutive requests with at most MAX_ROWS rows together (a request alone may exceed it)."""
+    chunks: list[tuple[int, int]] = []
+    lo, total = 0, 0
+    for i, n in enumerate(rows):
+        if i > lo and total + n > MAX_ROWS:
+            chunks.append((lo, i))
+            lo, total = i, 0
+        total += n
+    chunks.append((lo, len(rows)))
+    return chunks
 
 
 # Decoders whose attention layers call cache.update(key, value, layer_idx) with position ids and a
