@@ -189,6 +189,10 @@ class Settings(BaseModel):
     # its own run's adapter (workers/train_batch.py): "auto" = on CUDA only (on the CPU each op
     # runs alone, so replay stays bitwise there); "on" / "off" force it.
     engine_batch_runs: Literal["auto", "on", "off"] = "auto"
+    # Queued samples of one base model decoded as one batch, each row with its own adapter, seed
+    # and parameters (workers/sample_batch.py): "auto" = on CUDA only (the same seed gives the same
+    # tokens alone or batched; on the CPU each sample runs alone all the same); "on" / "off".
+    engine_batch_samples: Literal["auto", "on", "off"] = "auto"
 
     # Checkpoint downloads (docs/downloads.md): signed, time-limited links served without the API
     # key. Every API process must sign with the same key; unset, one is generated once and kept in

@@ -71,6 +71,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         activation_checkpointing=settings.activation_checkpointing,
         kernels=settings.engine_kernels,
         batch_runs=settings.engine_batch_runs,
+        batch_samples=settings.engine_batch_samples,
     )
 
 
