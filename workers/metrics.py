@@ -11,16 +11,18 @@ torch.cuda's counters are read at scrape time; on the CPU there are no GPU serie
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.config import Settings
+from workers.engine import progress
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,24 @@ SNAPSHOT_BYTES = Histogram(
     buckets=tuple(float(2**p) for p in range(20, 38, 2)),  # 1 MiB .. 64 GiB
     registry=REGISTRY,
 )
+
+# One series per long task in progress (loading a base model, writing a checkpoint), removed when it
+# ends: a series stuck below 1 is a task that is slow or hung (workers/engine/progress.py).
+LONG_TASK_PROGRESS = Gauge(
+    "tuft_worker_long_task_progress",
+    "Fraction done of each long task now running in this worker",
+    ["task", "name"],
+    registry=REGISTRY,
+)
+
+
+def long_task_progress(task: str, name: str, fraction: float | None) -> None:
+    """A workers/engine/progress.py listener: the gauge follows each task until it ends."""
+    if fraction is not None:
+        LONG_TASK_PROGRESS.labels(task=task, name=name).set(fraction)
+        return
+    with contextlib.suppress(KeyError):  # ended before its first update reached us
+        LONG_TASK_PROGRESS.remove(task, name)
 
 
 def snapshot_written(seconds: float, size_bytes: int) -> None:
@@ -122,6 +142,7 @@ def serve_metrics(settings: Settings, worker_id: str, device: str, gpu: int | No
     if settings.worker_metrics_port is None:
         return None
     registry = build_registry(worker_id, device)
+    progress.add_listener(long_task_progress)
     port = settings.worker_metrics_port + (gpu or 0)
     server, _ = start_http_server(port, addr=settings.worker_metrics_host, registry=registry)
     log.info("worker metrics on http://%s:%d/metrics", settings.worker_metrics_host, port)

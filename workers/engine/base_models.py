@@ -10,8 +10,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from app.domain.hf_cache import resolve_model_path
 from app.domain.models import BUILTIN_TINY_PATH, TINY_VOCAB_SIZE, ModelSpec
 from workers.engine.errors import OpInputError
+from workers.engine.progress import Progress, heartbeat, size_text
 from workers.engine.tiny import build_tiny_model, build_tiny_tokenizer
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -67,7 +69,7 @@ def config_vocab_size(spec: ModelSpec) -> int:
         return spec.vocab_size
     if spec.model_path == BUILTIN_TINY_PATH:
         return TINY_VOCAB_SIZE
-    config = json.loads((Path(spec.model_path) / "config.json").read_text())
+    config = json.loads((Path(resolve_model_path(spec.model_path)) / "config.json").read_text())
     size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     if not isinstance(size, int):
         raise OpInputError(f"cannot find vocab_size in {spec.model_path}/config.json")
@@ -83,9 +85,10 @@ def load_base_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, c
         model = build_tiny_model(dtype=dtype, device=device)
         tokenizer = build_tiny_tokenizer(cache_dir)
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype, local_files_only=True)
-        nn.Module.to(model, device)  # PreTrainedModel.to is mistyped in transformers' stubs
-        tokenizer = AutoTokenizer.from_pretrained(spec.model_path, local_files_only=True)
+        # A Hugging Face id whose snapshot is in the local cache loads from there (app/domain/hf_cache.py).
+        path = resolve_model_path(spec.model_path)
+        model = _load_weights(spec.model_name, path, device, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.requires_grad_(False)
     model.eval()
     out_emb = model.get_output_embeddings()
@@ -99,3 +102,40 @@ def load_base_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, c
         vocab_size=vocab,
         eos_token_ids=_eos_ids(model, tokenizer),
     )
+
+
+def _load_weights(name: str, path: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """from_pretrained, then the move to `device`, with progress in the logs: an 8B model takes
+    minutes, and without these lines a starting worker looks hung. Reading has no hook to measure
+    (transformers loads inside one call), so it logs a heartbeat and counts as half the work when
+    a move follows; the move is measured by parameter bytes."""
+    files = [f for f in Path(path).glob("*.safetensors")] or [f for f in Path(path).glob("*.bin")]
+    weight_bytes = sum(f.stat().st_size for f in files)
+    moving = device.type != "cpu"
+    progress = Progress("loading model", name, total=100.0)
+    progress.start(f"{path}, {size_text(weight_bytes)} in {len(files)} file(s), to {device}")
+    try:
+        with heartbeat(progress, "reading weights"):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        progress.advance(50.0 if moving else 100.0, "weights read")
+        if moving:
+            _move(model, device, progress, share=50.0)
+        nn.Module.to(model, device)  # buffers, and PreTrainedModel.to is mistyped in transformers' stubs
+    except BaseException:
+        progress.failed()
+        raise
+    progress.finish(size_text(weight_bytes))
+    return model
+
+
+def _move(model: nn.Module, device: torch.device, progress: Progress, share: float) -> None:
+    """Modules to `device` leaves first, one at a time, so progress can be told. Each is moved by
+    nn.Module.to itself (tied weights stay tied: one Parameter, moved in place); a parent's
+    children are already there by its turn, so its own `to` only moves its own tensors."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) or 1
+    for module in reversed(list(model.modules())):
+        own = [p for p in module.parameters(recurse=False) if p.device != device]
+        if not own:
+            continue
+        nn.Module.to(module, device)
+        progress.advance(share * sum(p.numel() * p.element_size() for p in own) / total, f"to {device}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from app.domain.ops import LoraConfig
 from workers.engine.errors import OpInputError
+from workers.engine.progress import Progress, size_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,6 +52,9 @@ PEFT_UNEMBED = "base_model.model.lm_head."
 TINKER_UNEMBED = "base_model.model.model.unembed_tokens."
 # PEFT applies this to keys without their "base_model.model." prefix (peft.load_peft_weights).
 PEFT_KEY_MAPPING = {r"^model\.unembed_tokens\.": "lm_head."}
+# Checkpoints this large say so at INFO (start, each 20%, end); smaller ones, saved every few steps
+# by many runs, only at DEBUG, or the log would be mostly checkpoint lines.
+LARGE_CHECKPOINT_BYTES = 256 * 1024 * 1024
 
 
 def _fsync(path: Path) -> None:
@@ -100,24 +105,49 @@ def write_checkpoint(
     config = copy.deepcopy(peft_config)
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(dest))  # PEFT's own serialisation of its config (sets -> lists etc.)
+    weight_bytes = _nbytes(weights)
+    total = weight_bytes + (_nbytes(optimizer_state) if optimizer_state is not None else 0)
+    level = logging.INFO if total >= LARGE_CHECKPOINT_BYTES else logging.DEBUG
+    progress = Progress("writing checkpoint", str(dest), total=total, level=level)
+    progress.start(f"{size_text(total)}, {'with' if optimizer_state is not None else 'no'} optimizer state")
+    try:
+        files = _write_files(dest, weights, optimizer_state, progress)
+        run_info = {
+            "format": FORMAT_VERSION,
+            "base_model": base_model,
+            "lora": lora.model_dump(),
+            "optimizer_steps": optimizer_steps,
+            "has_optimizer": optimizer_state is not None,
+        }
+        (dest / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+        files.append(dest / RUN_FILE)
+        for path in files:
+            _fsync(path)
+        _fsync(dest)
+    except BaseException:
+        progress.failed()
+        raise
+    progress.finish()
+    return sum(path.stat().st_size for path in files)
+
+
+def _write_files(
+    dest: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, torch.Tensor] | None,
+    progress: Progress,
+) -> list[Path]:
     save_file(_tensors_for_file(to_file_keys(weights)), str(dest / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    progress.advance(_nbytes(weights), "adapter written")
     files = [dest / ADAPTER_CONFIG, dest / ADAPTER_WEIGHTS]
     if optimizer_state is not None:
         save_file(_tensors_for_file(optimizer_state), str(dest / OPTIMIZER_STATE), metadata={"format": "pt"})
         files.append(dest / OPTIMIZER_STATE)
-    run_info = {
-        "format": FORMAT_VERSION,
-        "base_model": base_model,
-        "lora": lora.model_dump(),
-        "optimizer_steps": optimizer_steps,
-        "has_optimizer": optimizer_state is not None,
-    }
-    (dest / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
-    files.append(dest / RUN_FILE)
-    for path in files:
-        _fsync(path)
-    _fsync(dest)
-    return sum(path.stat().st_size for path in files)
+    return files
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _run_info(src: Path) -> dict[str, Any]:
