@@ -82,3 +82,9 @@ def test_launch_help_lists_original_flags() -> None:
     ).stdout
     for flag in ("-p PORT, --port PORT", "--log-level", "--checkpoint-dir", "TUFT_CONFIG"):
         assert flag in out
+
+
+def test_our_example_is_not_taken_for_theirs(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="tuft"):
+        load_settings(Path(__file__).parents[2] / "tuft.example.yaml")
+    assert not [r for r in caplog.records if "original TuFT config" in r.getMessage()]
