@@ -150,3 +150,13 @@ def test_move_to_device_reports_by_bytes(caplog: pytest.LogCaptureFixture) -> No
     assert work.done == pytest.approx(100.0)
     lines = [r.getMessage() for r in caplog.records if r.name == "tuft.progress"]
     assert 1 <= len(lines) <= 4 and all("to meta" in line for line in lines)  # steps, not tensors
+
+
+def test_heartbeat_while_unmeasured_work_runs(caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    work = progress.Progress("loading model", "beat", total=1.0, every=0.05)
+    with caplog.at_level(logging.INFO, logger="tuft.progress"), progress.heartbeat(work, "reading weights"):
+        time.sleep(0.3)
+    beats = [r.getMessage() for r in caplog.records if "reading weights" in r.getMessage()]
+    assert beats and beats[0].startswith("loading model beat: reading weights, ")
