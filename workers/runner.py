@@ -23,21 +23,22 @@ from sqlalchemy.orm import Session as DbSession
 from app.checkpoint_store import CheckpointStore
 from app.config import Settings
 from app.db.engine import Database
-from app.db.models import Run, Sampler
+from app.db.models import Sampler
 from app.domain import ids
 from app.domain.errors import DomainError
 from app.domain.oai import OaiCompletionOp
 from app.domain.ops import ForwardBackwardOp, LoadWeightsOp, SampleOp, SaveWeightsOp, parse_op
-from app.domain.results import LoadWeightsResult, SaveWeightsResult, result_bytes
+from app.domain.results import LoadWeightsResult, result_bytes
 from app.queue import checkpoints, claim, commit, handback, leases, stability
 from app.queue.claim import ReadyOp
 from app.queue.commit import Fenced, Outcome
 from app.queue.survey import survey
-from workers import sample_batch, train_batch
-from workers.execute import apply_mutation, write_checkpoint
+from workers import sample_batch, save_op, train_batch
+from workers.execute import apply_mutation
 from workers.faults import fault
 from workers.recovery import RunStates
 from workers.residency import Residency, WorkerEngine
+from workers.save_op import UserError
 from workers.snapshots import SnapshotWriter
 from workers.transient import is_transient
 
@@ -46,10 +47,6 @@ T = TypeVar("T")
 
 # Ops that change no training state: a transient error in one of them leaves the run's state good.
 READ_ONLY_KINDS = frozenset({"save_weights"})
-
-
-class UserError(Exception):
-    """An input problem found while executing: the op fails with category `user`."""
 
 
 class Runner:
@@ -365,102 +362,12 @@ class Runner:
 
     def _execute(self, op: ReadyOp, domain_op: object) -> tuple[BaseModel, Callable[[DbSession], None] | None]:
         if isinstance(domain_op, SaveWeightsOp):
-            return self._save(op, domain_op)
+            return save_op.run_save(self, op, domain_op)
         result = apply_mutation(self.engine, op.run_id, domain_op, self._resolve_checkpoint_dir)
         if isinstance(domain_op, LoadWeightsOp):
             return LoadWeightsResult(path=domain_op.path, model_id=op.run_id), None
         assert isinstance(result, BaseModel)
         return result, None
-
-    def _save(self, op: ReadyOp, save: SaveWeightsOp) -> tuple[SaveWeightsResult, Callable[[DbSession], None]]:
-        with self.db.read() as s:
-            run = s.get(Run, op.run_id)
-            assert run is not None
-            tenant, session_id, base_model, lora = (
-                run.tenant,
-                run.session_id,
-                run.base_model,
-                dict(run.lora_config),
-            )
-            name = save.name if save.name is not None else f"ephemeral-{op.seq}"
-            existing = checkpoints.find(s, op.run_id, save.checkpoint_kind, name)
-            if existing is not None and existing.created_by_op != op.request_id and not save.overwrite:
-                raise UserError(
-                    f"checkpoint {name!r} already exists for {op.run_id}; pass overwrite=True to replace it"
-                )
-        path = ids.checkpoint_path(op.run_id, save.checkpoint_kind, name)
-        manifest = {
-            "tinker_path": path,
-            "run_id": op.run_id,
-            "seq": op.seq,
-            "base_model": base_model,
-            "lora_config": lora,
-            "optimizer_steps": self.engine.optimizer_steps(op.run_id),
-            "format": "peft-lora",
-            # Which attempt wrote the folder: the sweeper keeps an unregistered folder while that
-            # attempt may still commit (app/checkpoint_store.py, sweep_orphans).
-            "written_by": {
-                "request_id": op.request_id,
-                "attempt": op.attempt + 1,  # claim_run_op counted this attempt
-                "epoch": op.epoch,
-                "worker": self.worker_id,
-            },
-        }
-        files, pending = write_checkpoint(
-            self.engine, self.store, run_id=op.run_id, op=save, name=name, made_by=op.request_id, manifest=manifest
-        )
-        sampler_id = None
-        if save.name is None and save.sampling_session_seq_id is not None:
-            sampler_id = ids.sampler_id_for(session_id, save.sampling_session_seq_id)
-
-        # The folder of the row this save replaces (overwritten, or expired and not yet swept),
-        # read in the committing transaction; removed once that commit has landed (and only if no
-        # row names it then). If the commit does not land, this attempt removes its own folder,
-        # unless a row names it after all (a commit whose acknowledgement was lost). A crash in
-        # between leaves an orphan folder for the sweeper, never a row without files.
-        replaced: list[str] = []
-        self._after_commit.append(lambda: self.store.remove_unregistered(self.db, replaced))
-        self._abandon.append(lambda: self.store.remove_unregistered(self.db, [pending.storage_path]))
-
-        def _register(s: DbSession) -> None:
-            replaced.clear()  # a retried commit reads it again
-            previous = checkpoints.find(s, op.run_id, save.checkpoint_kind, name, expired=True)
-            if previous is not None and previous.storage_path != files.storage_path:
-                replaced.append(previous.storage_path)
-            checkpoints.record(
-                s,
-                tenant=tenant,
-                run_id=op.run_id,
-                kind=save.checkpoint_kind,
-                name=name,
-                storage_path=files.storage_path,
-                base_model=base_model,
-                lora_config=lora,
-                with_optimizer=save.checkpoint_kind == "training",
-                ephemeral=save.name is None,
-                size_bytes=files.size_bytes,
-                user_metadata=save.user_metadata,
-                ttl_seconds=save.ttl_seconds,
-                request_id=op.request_id,
-                overwrite=save.overwrite,
-            )
-            if sampler_id is not None:
-                checkpoints.record_sampler(
-                    s,
-                    sampler_id=sampler_id,
-                    session_id=session_id,
-                    tenant=tenant,
-                    base_model=base_model,
-                    model_path=path,
-                )
-
-        result = SaveWeightsResult(
-            checkpoint_kind=save.checkpoint_kind,
-            path=path,
-            sampling_session_id=sampler_id,
-            size_bytes=files.size_bytes,
-        )
-        return result, _register
 
     def _file_actions(self, actions: list[Callable[[], object]]) -> None:
         """Checkpoint file work after a commit's fate is known. Never fails the op (its outcome is

@@ -70,8 +70,8 @@ def _add_segment_deltas(module: nn.Module, args: tuple[torch.Tensor, ...], outpu
 
 
 class RowRouter:
-    """Installs the hooks on a PEFT-wrapped model's LoRA layers (once per layer) and switches a pass
-    into routed mode."""
+    """Switches a pass of a PEFT-wrapped model into routed mode, hooking its LoRA layers for the
+    duration."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
@@ -93,11 +93,12 @@ class RowRouter:
         layers = self._layers()
         wanted = set(adapters)
         saved = []
+        # Hooked only while the batch is open (its backward, and any recompute, run inside it), so
+        # single-run passes never pay for the hook.
+        hooks = []
         for layer in layers:
             assert isinstance(layer, LoraLinear)
-            if not getattr(layer, "_tuft_rows_hooked", False):
-                layer.register_forward_hook(_add_segment_deltas)
-                setattr(layer, "_tuft_rows_hooked", True)  # noqa: B010 (an nn.Module's own attribute)
+            hooks.append(layer.register_forward_hook(_add_segment_deltas))
             saved.append((layer, layer._active_adapter))
             layer._active_adapter = []
             for name in layer.lora_A:
@@ -109,3 +110,5 @@ class RowRouter:
         finally:
             for layer, active in saved:
                 layer._active_adapter = active
+            for hook in hooks:
+                hook.remove()

@@ -45,10 +45,8 @@ def run_together(
     batcher: MicroBatcher,
     items: Sequence[RunBatch],
     forward_only: bool,
-    budget: int | None = None,
 ) -> list[ForwardBackwardResult]:
-    """One pass over every item's datums; raises what run_loss raises, with no gradient applied.
-    `budget`: the micro-batch budget to plan with (a replay's recorded one); None: the batcher's."""
+    """One pass over every item's datums; raises what run_loss raises, with no gradient applied."""
     combined = PreparedBatch(
         loss_fn=items[0].batch.loss_fn,
         config=items[0].batch.config,
@@ -56,7 +54,7 @@ def run_together(
     )
     adapter_of = [item.adapter for item in items for _ in item.batch.data]
     with router.batch([item.adapter for item in items]):
-        per = run_datums(model, combined, forward_only, batcher, budget, adapter_of)
+        per = run_datums(model, combined, forward_only, batcher, None, adapter_of)
     results, start = [], 0
     for item in items:
         end = start + len(item.batch.data)
