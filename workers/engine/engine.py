@@ -31,11 +31,12 @@ from workers.engine.adapters import AdapterHost, adapter_name_for, peft_config_f
 from workers.engine.base_models import LoadedModel, config_vocab_size, load_base_model, resolve_dtype
 from workers.engine.config import EngineConfig
 from workers.engine.decode import SampleJob, SampleRequest, adapter_chunks, decode_batch
+from workers.engine.decode_graph import GraphMode
 from workers.engine.determinism import configure_determinism
 from workers.engine.errors import OpInputError, translate_device_errors
 from workers.engine.kernels import apply_fused_kernels
 from workers.engine.lora_rows import RowRouter
-from workers.engine.losses import prepare_data, run_loss
+from workers.engine.losses import DatumResults, prepare_data, run_datums, run_loss
 from workers.engine.microbatch import MicroBatcher, Report
 from workers.engine.multi_run import RunBatch, run_together, shareable
 from workers.engine.optim import adam_step, new_optimizer, validate_adam
@@ -148,7 +149,7 @@ class TorchEngine:
             apply_fused_kernels(loaded.model, self._device, self._config.kernels)
             slot = _Slot(
                 loaded=loaded,
-                host=AdapterHost(loaded.model),
+                host=AdapterHost(loaded.model, fused=self._config.lora_kernel != "peft"),
                 samplers=OrderedDict(),
                 batcher=MicroBatcher(loaded.model, self._device, self._config),
                 router=RowRouter(loaded.model),
@@ -266,13 +267,33 @@ class TorchEngine:
         data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
         slot.host.activate(run.adapter, trainable=True)
         run.micro_batch_tokens = None
-        # PEFT's own LoRA path, also on CUDA: the routed path (lora_rows.py) measured slower for
-        # a single run on an H100 (docs/performance.md), so it serves only multi-run passes.
         with self._autocast():
             result = run_loss(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens)
         assert slot.batcher.last is not None
         run.micro_batch_tokens = slot.batcher.last.budget_tokens
         return result
+
+    @_serialised
+    def forward_backward_share(
+        self, run_id: str, op: ForwardBackwardOp, indices: Sequence[int], micro_batch_tokens: int | None = None
+    ) -> DatumResults:
+        """forward_backward's work on the datums at `indices` only (one rank's share of the op,
+        data_parallel.py), not reduced: per-datum results at the op's indices, gradients added to
+        .grad as forward_backward adds them. The whole op is validated, so every rank fails alike."""
+        run = self._run(run_id)
+        slot = self._slot(run.base_model)
+        data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
+        slot.host.activate(run.adapter, trainable=True)
+        run.micro_batch_tokens = None
+        with self._autocast():
+            per = run_datums(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens, only=indices)
+        run.micro_batch_tokens = slot.batcher.last.budget_tokens if indices and slot.batcher.last else None
+        return per
+
+    @_serialised
+    def trainable_parameters(self, run_id: str) -> list[nn.Parameter]:
+        """The run's LoRA parameters in the optimizer's order (data_parallel.py reduces their .grad)."""
+        return list(self._run(run_id).params.values())
 
     @_serialised
     def forward_backward_many(
@@ -511,6 +532,14 @@ class TorchEngine:
             return self._device.type == "cuda"
         return self._config.batch_samples == "on"
 
+    def _graph_mode(self) -> GraphMode:
+        """How decode_batch steps (EngineConfig.decode_graphs): captured in CUDA graphs on CUDA,
+        the same static step uncaptured on the CPU, or decode.py's own step."""
+        policy, cuda = self._config.decode_graphs, self._device.type == "cuda"
+        if policy == "off" or (policy == "auto" and not cuda):
+            return "off"
+        return "capture" if cuda else "eager"
+
     def _sample_chunk(
         self,
         slot: _Slot,
@@ -552,7 +581,7 @@ class TorchEngine:
     ) -> None:
         if not jobs:
             return
-        results = decode_batch(slot.loaded, [job for _, job in jobs], slot.host.activate, router)
+        results = decode_batch(slot.loaded, [job for _, job in jobs], slot.host.activate, router, self._graph_mode())
         for (i, _), result in zip(jobs, results, strict=True):
             out[i] = result
 

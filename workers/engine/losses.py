@@ -183,16 +183,22 @@ def run_datums(
     batcher: MicroBatcher,
     budget: int | None = None,
     adapter_of: Sequence[str] | None = None,
+    only: Sequence[int] | None = None,
 ) -> DatumResults:
     """run_loss's work, without reducing it to one result. `adapter_of` (multi_run.py): the LoRA
-    adapter each datum goes through, inside a RowRouter.batch; None: the active adapter."""
+    adapter each datum goes through, inside a RowRouter.batch; None: the active adapter. `only`
+    (data_parallel.py: one rank's share): run just the datums at these indices; the others' slots
+    stay empty and results keep the op's indices."""
     n = len(batch.data)
     per = DatumResults([None] * n, [0.0] * n, {"ratio_mean": [0.0] * n, "clip_fraction": [0.0] * n})
+    indices = list(range(n)) if only is None else list(only)
+    if not indices:
+        return per
 
     def step(group: list[int]) -> None:
-        _micro_batch(model, batch, group, forward_only, per, adapter_of)
+        _micro_batch(model, batch, [indices[j] for j in group], forward_only, per, adapter_of)
 
-    batcher.run([d.tokens.shape[0] for d in batch.data], step, forward_only, budget)
+    batcher.run([batch.data[i].tokens.shape[0] for i in indices], step, forward_only, budget)
     return per
 
 
