@@ -29,6 +29,8 @@ class Lease:
 # A worker whose heartbeat is this many lease TTLs old is dead: the sweeper marks it so
 # (sweeper.mark_dead_workers) and the queue state stops counting it (queue_state.live_workers).
 DEAD_AFTER_TTLS = 3
+# Runs one worker pass takes at most (the sweeper rings the shared queue once per batch).
+ACQUIRE_BATCH = 8
 
 
 def worker_state(stopped_at: float | None, heartbeat_age: float, lease_ttl: float) -> str:
@@ -93,7 +95,7 @@ def _lock_runs_in_order(s: DbSession, condition: object) -> list[str]:
     )
 
 
-def acquire_runs(s: DbSession, worker_id: str, ttl: float, limit: int = 8) -> list[Lease]:
+def acquire_runs(s: DbSession, worker_id: str, ttl: float, limit: int = ACQUIRE_BATCH) -> list[Lease]:
     """Take runs that have their next op waiting and no live owner. Each take bumps the epoch."""
     now = db_now(s)
     ready = exists().where(and_(Op.run_id == Run.run_id, Op.seq == Run.next_seq))

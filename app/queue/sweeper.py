@@ -24,7 +24,7 @@ from app.db.engine import Database, db_now
 from app.db.models import Checkpoint, Op, Run, Singleton, Worker
 from app.queue import retention
 from app.queue.claim import requeue_expired_samples
-from app.queue.leases import DEAD_AFTER_TTLS
+from app.queue.leases import ACQUIRE_BATCH, DEAD_AFTER_TTLS
 from app.queue.stability import expire_records
 from app.queue.submit import NEW_RUNS_QUEUE, Wakeup
 
@@ -32,6 +32,7 @@ log = logging.getLogger("tuft.sweeper")
 
 # A queued op this old with no progress has probably lost its wake-up: ring again.
 STALE_WAKEUP_SECONDS = 5.0
+MAX_SHARED_RERINGS = 32
 # Expired checkpoints deleted per pass: keeps each pass's transaction short; the rest go next time.
 EXPIRE_CHECKPOINTS_BATCH = 200
 
@@ -120,7 +121,16 @@ def rering_stale(s: DbSession, report: SweepReport) -> None:
         .outerjoin(Worker, and_(Worker.worker_id == Run.owner_worker, Worker.stopped_at.is_(None)))
         .where(Run.status == "active", Op.status == "queued", Op.created_at < cutoff)
     ).all()
-    report.wakeups += [Wakeup(queue or NEW_RUNS_QUEUE, run_id) for run_id, queue in rows]
+    by_queue: dict[str, list[str]] = {}
+    for run_id, queue in rows:
+        by_queue.setdefault(queue or NEW_RUNS_QUEUE, []).append(run_id)
+    for queue, run_ids in by_queue.items():
+        # A ring wakes a worker to look at all its ready work, so its owner needs one per pass, not
+        # one per run: with 1,000 runs behind a busy worker, one per run was a burst of 1,000 Redis
+        # publishes every pass (bench/load_1000.py). On the shared queue each ring wakes one worker,
+        # which takes up to ACQUIRE_BATCH runs: one ring per batch, at most MAX_SHARED_RERINGS.
+        step = ACQUIRE_BATCH if queue == NEW_RUNS_QUEUE else len(run_ids)
+        report.wakeups += [Wakeup(queue, run_id) for run_id in run_ids[::step][:MAX_SHARED_RERINGS]]
     waiting_sample = s.execute(
         select(Op.request_id).where(Op.kind == "sample", Op.status == "queued", Op.created_at < cutoff).limit(1)
     ).first()

@@ -77,6 +77,40 @@ def test_dead_workers_and_stale_wakeups(db: Database) -> None:
     assert (NEW_RUNS_QUEUE, run_id) in {(w.queue, w.run_id) for w in report.wakeups}
 
 
+def test_stale_wakeups_ring_each_queue_once_not_each_run(db: Database) -> None:
+    # 20 runs with a stale op: 10 owned by a live worker (one ring wakes it for all of them) and 10
+    # unowned (the shared queue: one ring per batch a worker acquires, so 2 for 10 runs).
+    run_ids = [_setup(db, 1)[0]]
+    with db.write() as s:
+        for _ in range(19):
+            session_id = submit.create_session(
+                s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None
+            )
+            run = submit.create_run(
+                s,
+                TENANT,
+                session_id=session_id,
+                model_seq_id=0,
+                base_model="m",
+                lora=LoraConfig(rank=2),
+                user_metadata={},
+            )
+            submit.submit_run_op(s, run, 1, OptimStepOp(adam=AdamParams(learning_rate=0.001)))
+            run_ids.append(run.run_id)
+    with db.write() as s:
+        taken = leases.acquire_runs(s, "w1", ttl=60, limit=10)
+        s.query(Op).update({Op.created_at: Op.created_at - 60})
+    with db.write() as s:
+        report = sweep(s, lease_ttl=10, result_retention=0)
+    by_queue: dict[str, list[str | None]] = {}
+    for w in report.wakeups:
+        by_queue.setdefault(w.queue, []).append(w.run_id)
+    assert len(taken) == 10 and len(by_queue["q1"]) == 1
+    assert len(by_queue[NEW_RUNS_QUEUE]) == 2
+    unowned = set(run_ids) - {lease.run_id for lease in taken}
+    assert set(by_queue[NEW_RUNS_QUEUE]) <= unowned
+
+
 def test_one_sweeper_at_a_time(db: Database) -> None:
     with db.write() as s:
         assert hold_singleton(s, "sweeper", "a", ttl=0.2)
