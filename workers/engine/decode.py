@@ -28,7 +28,9 @@ from transformers import DynamicCache, PreTrainedModel
 
 from app.domain.ops import SampleOp
 from app.domain.results import SampledSequence, SampleResult
+from workers.engine import decode_graph
 from workers.engine.base_models import LoadedModel
+from workers.engine.decode_graph import GraphMode
 from workers.engine.kv_cache import RowCache
 from workers.engine.logits import _cache_kwarg, decoder_hidden, project
 from workers.engine.lora_rows import RowRouter, routed
@@ -89,13 +91,19 @@ def adapter_chunks(adapters: Sequence[Path | None], indices: Sequence[int], limi
 
 
 def decode_batch(
-    lm: LoadedModel, jobs: Sequence[SampleJob], activate: Callable[[str | None], None], router: RowRouter | None
+    lm: LoadedModel,
+    jobs: Sequence[SampleJob],
+    activate: Callable[[str | None], None],
+    router: RowRouter | None,
+    graphs: GraphMode = "off",
 ) -> list[SampleResult]:
     """Run `jobs` as one batch; results in the order of `jobs`.
 
     activate(name): make PEFT route whole passes through adapter `name` (None: the base model); the
     prefills use it. router: routes the decode's rows through their own adapters (lora_rows.py);
     None when the jobs all use one adapter, which is then activated for the whole decode.
+    graphs: "off" decodes with steps shaped to the live rows (below); "eager" / "capture" with the
+    static-shape step of decode_graph.py, run as it is or captured in CUDA graphs.
     """
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i].adapter is not None, jobs[i].adapter or ""))
     requests: dict[int, _Request] = {}
@@ -124,7 +132,8 @@ def decode_batch(
         if live and row_cache_fits(model):
             for lo, hi in _row_chunks([r.job.op.num_samples for r in live]):
                 activate(live[lo].job.adapter)
-                decoder = _Decoder(lm, live[lo:hi], prefills[lo:hi], torch.cat(first_logits[lo:hi]), router is not None)
+                logits = torch.cat(first_logits[lo:hi])
+                decoder = _Decoder(lm, live[lo:hi], prefills[lo:hi], logits, router is not None, graphs=graphs)
                 for k in range(lo, hi):  # copied into the batch cache: free the prompt's own
                     prefills[k] = (DynamicCache(config=model.config), 0)
                     first_logits[k] = first_logits[k][:0]
@@ -181,8 +190,10 @@ class _Decoder:
         logits: torch.Tensor,
         route: bool,
         own: DynamicCache | None = None,
+        graphs: GraphMode = "off",
     ) -> None:
-        """own: decode one request's rows in its own prefill cache (HF's) instead of a RowCache."""
+        """own: decode one request's rows in its own prefill cache (HF's) instead of a RowCache.
+        graphs: decode with decode_graph.py's static step ("eager" / "capture") or not ("off")."""
         self.lm, self.requests, self.route, self.logits = lm, requests, route, logits
         device = lm.device
         self.allowed = min(lm.vocab_size, len(lm.tokenizer))
@@ -190,10 +201,16 @@ class _Decoder:
         self.owner = [(r, s) for r in requests for s in range(r.job.op.num_samples)]
         self.budget = max(r.job.max_tokens for r in requests)
         capacity = max(len(r.job.op.prompt) for r in requests) + self.budget
+        total = len(self.owner)
+        self.graphs = decode_graph.mode_for(graphs, self.budget) if own is None else "off"
+        rows = total
+        if self.graphs != "off":
+            # The static step's shapes: rows padded to a bucket, slots to a round capacity.
+            capacity, rows = decode_graph.round_capacity(capacity), decode_graph.bucket(total)
         self.cache = RowCache(capacity, device)
         self.own = own
         if own is None:
-            self.cache.fill(prefills)
+            self.cache.fill(prefills, rows)
         else:
             own.batch_repeat_interleave(prefills[0][1])
         self.rows = build_rows(
@@ -214,14 +231,15 @@ class _Decoder:
         )
         self.vocab_hash = vocab_hashes(self.allowed, device)
         self.topk = min(max(r.job.op.topk_sample_logprobs for r in requests), lm.vocab_size)
-        total = len(self.owner)
-        self.tokens = torch.zeros(total, self.budget, dtype=torch.int64, device=device)
-        self.logprobs = torch.zeros(total, self.budget, dtype=torch.float32, device=device)
-        self.top_ids = torch.zeros(total, self.budget, self.topk, dtype=torch.int64, device=device)
-        self.top_lps = torch.zeros(total, self.budget, self.topk, dtype=torch.float32, device=device)
+        # One row more than the batch has: the static step's padding rows all write to it.
+        slots = total + 1
+        self.tokens = torch.zeros(slots, self.budget, dtype=torch.int64, device=device)
+        self.logprobs = torch.zeros(slots, self.budget, dtype=torch.float32, device=device)
+        self.top_ids = torch.zeros(slots, self.budget, self.topk, dtype=torch.int64, device=device)
+        self.top_lps = torch.zeros(slots, self.budget, self.topk, dtype=torch.float32, device=device)
         # Step at which a row hit a stop id (-1: not yet) or used its budget, found on the device.
-        self.stopped_at = torch.full((total,), -1, dtype=torch.int64, device=device)
-        self.by_length = torch.zeros(total, dtype=torch.bool, device=device)
+        self.stopped_at = torch.full((slots,), -1, dtype=torch.int64, device=device)
+        self.by_length = torch.zeros(slots, dtype=torch.bool, device=device)
         self.live = list(range(total))  # batch position -> row id
         self.live_index = torch.arange(total, device=device)
         self.checked = [0] * total  # next position whose stop strings are unchecked
@@ -230,6 +248,9 @@ class _Decoder:
         self.window = getattr(lm.model.config, "sliding_window", None)
 
     def run(self) -> None:
+        if self.graphs != "off":
+            decode_graph.StaticRun(self, capture=self.graphs == "capture").run(SYNC_EVERY)
+            return
         for step in range(self.budget):
             chosen = self._choose(step)
             if (step + 1) % SYNC_EVERY == 0 or step + 1 == self.budget:
@@ -260,6 +281,23 @@ class _Decoder:
     def _sync(self, step: int) -> torch.Tensor | None:
         """Settle finished rows on the host and drop them from the batch: the batch positions kept,
         None when no row is left."""
+        keep = self.settle(step)
+        if not keep:
+            return None
+        index = torch.tensor(keep, dtype=torch.int64, device=self.lm.device)
+        if len(keep) < len(self.live):
+            if self.own is not None:
+                self.own.batch_select_indices(index)
+            else:
+                self.cache.keep(index)
+            self.rows = self.rows.select(index)
+            self.live = [self.live[p] for p in keep]
+            self.live_index = self.live_index.index_select(0, index)
+        return index
+
+    def settle(self, step: int) -> list[int]:
+        """Settle the rows of self.live that finished by `step` (stop ids, budgets, stop strings):
+        the indices into self.live of the rows still running."""
         stopped = self.stopped_at.tolist()
         by_length = self.by_length.tolist()
         keep: list[int] = []
@@ -274,18 +312,7 @@ class _Decoder:
                 request.reasons[sample] = "length" if by_length[row] else "stop"
             else:
                 keep.append(pos)
-        if not keep:
-            return None
-        index = torch.tensor(keep, dtype=torch.int64, device=self.lm.device)
-        if len(keep) < len(self.live):
-            if self.own is not None:
-                self.own.batch_select_indices(index)
-            else:
-                self.cache.keep(index)
-            self.rows = self.rows.select(index)
-            self.live = [self.live[p] for p in keep]
-            self.live_index = self.live_index.index_select(0, index)
-        return index
+        return keep
 
     def _stop_string(self, row: int, request: _Request, last: int) -> int | None:
         """The first position in [checked, last] at which a stop string completes, if any."""
@@ -331,10 +358,14 @@ class _Decoder:
         cache.advance()
 
     def _routed(self) -> AbstractContextManager[None]:
+        return self.routed(self.live)
+
+    def routed(self, positions: Sequence[int]) -> AbstractContextManager[None]:
+        """Route batch position p through the adapter of row positions[p] (when routing)."""
         if not self.route:
             return nullcontext()
         segments: Segments = []
-        for pos, row in enumerate(self.live):
+        for pos, row in enumerate(positions):
             name = self.owner[row][0].job.adapter
             assert name is not None  # routed batches hold adapter rows only (TorchEngine._sample_chunk)
             if segments and segments[-1][0] == name:

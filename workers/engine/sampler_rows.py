@@ -108,9 +108,16 @@ def build_rows(
     )
 
 
-def gumbel(rows: RowParams, step: int, vocab_hash: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise [B, V] for `step`, a function of (seed, sample index, step, token id) only."""
-    key = mix32(torch.full_like(rows.seed_lo, as_i32(step)))
+def gumbel(rows: RowParams, step: int | torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [B, V] for `step`, a function of (seed, sample index, step, token id) only.
+
+    step: a Python int, or a one-element int64 device tensor (a CUDA-graph-captured decode step
+    reads the step from a buffer, decode_graph.py); both give the same bits."""
+    if isinstance(step, torch.Tensor):
+        # Steps stay far below 2**31, where as_i32 is the identity.
+        key = mix32(step.to(torch.int32).reshape(1).expand_as(rows.seed_lo))
+    else:
+        key = mix32(torch.full_like(rows.seed_lo, as_i32(step)))
     key = mix32(rows.seed_lo ^ mix32(rows.seed_hi ^ mix32(rows.sample_index ^ key)))
     bits = mix32(mix32(key[:, None] ^ vocab_hash[None, :]) ^ key[:, None])
     # 24 bits to a uniform in (0, 1), exactly representable in float32, never 0 or 1.
@@ -123,7 +130,7 @@ def vocab_hashes(allowed: int, device: torch.device) -> torch.Tensor:
     return mix32(torch.arange(allowed, dtype=torch.int32, device=device) ^ as_i32(0x9E3779B9))
 
 
-def choose(logits: torch.Tensor, rows: RowParams, step: int, vocab_hash: torch.Tensor) -> torch.Tensor:
+def choose(logits: torch.Tensor, rows: RowParams, step: int | torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
     """One token per row of float32 logits [B, allowed] (vocabulary padding already sliced off)."""
     greedy = rows.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, rows.temperature)[:, None]
