@@ -92,7 +92,9 @@ class EngineArgs:
         device = self.rank_device(rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        return TorchEngine(self.models, device=str(device), cache_dir=self.cache_dir, dtype=self.dtype, config=self.config)
+        return TorchEngine(
+            self.models, device=str(device), cache_dir=self.cache_dir, dtype=self.dtype, config=self.config
+        )
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,13 @@ _Rows = list[tuple[int, np.ndarray, float, float, float]]
 
 
 def _forward_backward_share(
-    engine: TorchEngine, rank: int, world: int, device: torch.device, run_id: str, op: ForwardBackwardOp, budget: int | None
+    engine: TorchEngine,
+    rank: int,
+    world: int,
+    device: torch.device,
+    run_id: str,
+    op: ForwardBackwardOp,
+    budget: int | None,
 ) -> tuple[_Failure | None, _Rows, int | None]:
     """This rank's part of a forward_backward; the same collectives, in the same order, on every rank."""
     share = balance([len(d.tokens) for d in op.data], world)[rank]
@@ -429,7 +437,8 @@ def launch(args: EngineArgs, world: int, timeout_s: float = DEFAULT_TIMEOUT_SECO
         commands.append(queue_)
     device = args.rank_device(0)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=0, world_size=world, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, init_method=init_method, rank=0, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
     log.info("data-parallel engine: %d ranks on %s (pids %s)", world, args.device, [p.pid for p in processes])
     return DataParallelEngine(args.build(0), device, processes, commands, replies, timeout_s)
-
