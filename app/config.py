@@ -175,6 +175,10 @@ class Settings(BaseModel):
 
     # Device for `tuft launch`'s own worker: "auto" picks cuda:0 when available.
     worker_device: str = "auto"
+    # GPUs of this host for `tuft worker` started without --gpu/--gpus/--device: two or more make
+    # one worker over them (data-parallel forward_backward; docs/architecture.md "Several GPUs
+    # per worker"). Unset: one GPU (or the CPU) per worker.
+    worker_gpus: list[int] | None = None
     # forward_backward in micro-batches (docs/performance.md "Large batches"): padded tokens per
     # micro-batch, "auto" = from free GPU memory (8192 on CPU); halved after an out-of-memory error.
     micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"

@@ -40,6 +40,7 @@ EXIT_DEVICE_FATAL = 3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tuft worker", description="Run one TuFT GPU/CPU worker.")
     p.add_argument("--gpu", type=int, default=None, help="GPU index to pin (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--gpus", default=None, help="several GPUs of this host for one worker, e.g. 0,1 (multi_gpu.py)")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: settings.worker_device)")
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--database-url", default=None)
@@ -50,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _device(args: argparse.Namespace, settings: Settings) -> str:
+    if args.gpus is not None and len(args.gpus) > 1:
+        from workers.multi_gpu import pin_gpus
+
+        pin_gpus(args.gpus)
+        return "cuda"
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
         return "cuda"
@@ -148,6 +154,18 @@ def main(argv: list[str] | None = None) -> int:
 
     logcontext.configure(settings.log_format)  # log_format: text or JSON lines (docs/metrics.md)
     logging.getLogger().setLevel(settings.log_level.upper())
+    from workers.multi_gpu import parse_gpus
+
+    try:
+        # --gpus, else worker_gpus unless --gpu/--device chose; one GPU is the plain --gpu worker.
+        args.gpus = parse_gpus(args.gpus) or (
+            parse_gpus(settings.worker_gpus) if args.gpu is None and args.device is None else None
+        )
+    except ValueError as exc:
+        print(f"tuft worker: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.gpus is not None and len(args.gpus) == 1:
+        args.gpu, args.gpus = args.gpus[0], None
     device = _device(args, settings)
     # Refuse a schema this release does not know (a newer release migrated the database) before
     # anything runs; an older one is waited for (the API or `tuft db upgrade` migrates it).
@@ -163,20 +181,26 @@ def main(argv: list[str] | None = None) -> int:
     from app import localbell
     from app.db.engine import Database, DbTimeouts
     from app.queue import leases
-    from workers.engine import DeviceFatal, OpInputError, OutOfMemory, TorchEngine
+    from workers.engine import DeviceFatal, OpInputError, OutOfMemory
     from workers.heartbeat import Heartbeat
     from workers.runner import Runner
 
     host = socket.gethostname()
     worker_id = args.worker_id or f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     queue = f"gpu.{host}.{args.gpu}" if args.gpu is not None else f"{device}.{host}.{os.getpid()}"
+    if args.gpus is not None:
+        queue = f"gpu.{host}.{'-'.join(str(g) for g in args.gpus)}"
     db = Database(
         settings.resolved_database_url(),
         process_name=f"worker-{worker_id}",
         timeouts=DbTimeouts.for_lease(settings.lease_ttl_seconds),  # bounds a paused transaction
     )
     cache_dir = settings.resolved_data_dir() / "cache"
-    engine = TorchEngine(settings.models(), device=device, cache_dir=cache_dir, config=engine_config(settings))
+    from workers.multi_gpu import make_engine
+
+    # With --gpus, ranks 1..N-1 start here (each loads its replica lazily, like rank 0).
+    ranks = len(args.gpus) if args.gpus is not None else 1
+    engine = make_engine(settings.models(), device, cache_dir, engine_config(settings), ranks)
     _warm_builtin_tokenizer(settings, cache_dir)
     runner = Runner(
         settings,
@@ -200,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     _wait_for_schema(settings, db, register)
     from workers.metrics import serve_metrics
 
-    serve_metrics(settings, worker_id, device, args.gpu)  # GPU and snapshot numbers (docs/metrics.md)
+    # GPU and snapshot numbers (docs/metrics.md); a worker over several GPUs listens at its first's port.
+    serve_metrics(settings, worker_id, device, args.gpu if args.gpus is None else args.gpus[0])
     log.info(
         "worker %s on %s serving %s (queue %s)",
         worker_id,
@@ -265,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         _stop()
         heartbeat.join(timeout=10)  # no renewal may land after the release below
         runner.snapshots.close()
+        if hasattr(engine, "close"):
+            engine.close()  # the data-parallel engine's ranks (multi_gpu.py)
         try:
             with db.write() as s:
                 leases.release_all(s, worker_id)
