@@ -39,7 +39,7 @@ from workers.engine import EngineConfig
 from workers.engine.kernels import apply_fused_kernels
 
 
-def profile(fn: Any, label: str, rows: int = 25) -> None:
+def profile(fn: Any, label: str, rows: int = 25, cpu: bool = False) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -50,6 +50,8 @@ def profile(fn: Any, label: str, rows: int = 25) -> None:
         torch.cuda.synchronize()
     print(f"\n==== profile: {label}")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
+    if cpu:  # where the host's time goes, when the step is launch-bound
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
 
 
 def main() -> None:
@@ -61,7 +63,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--quick", action="store_true", help="skip the masked and TF32 variants")
-    p.add_argument("--shipped", action="store_true", help="only the naive loop and the engine as configured by default")
+    p.add_argument(
+        "--shipped", action="store_true", help="the naive loop, the engine as shipped, and with PEFT's LoRA forward"
+    )
     p.add_argument("--compile", action="store_true", help="also torch.compile each decoder layer")
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -107,18 +111,24 @@ def main() -> None:
     import tempfile
 
     if args.shipped:
-        # The engine as it ships (EngineConfig's defaults: fused kernels, bf16 autocast, routed
-        # LoRA, deterministic kernels), then the same without deterministic kernels.
-        shipped = make_engine(args.shape, Path(tempfile.mkdtemp()), args.rank, EngineConfig())
-        shipped_ops = {shape: engine_op(*shape) for shape in shapes}
-        measure("engine-shipped", lambda n, seq: lambda: shipped.forward_backward("bench", shipped_ops[(n, seq)]))
-        if args.profile:
-            profile(lambda: shipped.forward_backward("bench", shipped_ops[shapes[0]]), "engine-shipped")
-        torch.use_deterministic_algorithms(False)
-        measure(
-            "engine-shipped-nondeterministic",
-            lambda n, seq: lambda: shipped.forward_backward("bench", shipped_ops[(n, seq)]),
-        )
+        # The engine as it ships (EngineConfig's defaults: fused kernels, bf16 autocast, the fused
+        # LoRA node, deterministic kernels), then with PEFT's LoRA forward instead (lora_kernel=peft);
+        # each also without deterministic kernels.
+        work = Path(tempfile.mkdtemp())  # the model folder is written once, loaded by both engines
+
+        def shipped_variant(kernel: str) -> None:
+            shipped = make_engine(args.shape, work, args.rank, EngineConfig(lora_kernel=kernel))  # type: ignore[arg-type]
+            ops = {shape: engine_op(*shape) for shape in shapes}
+            name = "engine-shipped" if kernel == "fused" else "engine-shipped-peft"
+            measure(name, lambda n, seq: lambda: shipped.forward_backward("bench", ops[(n, seq)]))
+            if args.profile:
+                profile(lambda: shipped.forward_backward("bench", ops[shapes[0]]), name, cpu=True)
+            torch.use_deterministic_algorithms(False)
+            measure(name + "-nondeterministic", lambda n, seq: lambda: shipped.forward_backward("bench", ops[(n, seq)]))
+
+        for kernel in ("fused", "peft"):
+            shipped_variant(kernel)
+            clear()
         if args.out:
             with open(args.out, "a") as f:
                 for row in rows:

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from app.domain.ops import LoraConfig
 from workers.engine.determinism import cpu_generator, isolated_rng
 from workers.engine.errors import OpInputError
+from workers.engine.lora_rows import install_forwards
 from workers.engine.lora_targets import lora_targets
 
 # Tinker fixes LoRA alpha at 32 for every rank (its "LoRA Without Regret" analysis): with the
@@ -57,9 +58,10 @@ def peft_config_for(lora: LoraConfig, model: nn.Module) -> peft.LoraConfig:
 class AdapterHost:
     """Owns the PeftModel wrapping one base model and the adapters injected into it."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, fused: bool = False) -> None:
         self.model = model  # the HF causal LM; PEFT injects its LoRA layers into it in place
         self._peft: peft.PeftModel | None = None
+        self._fused = fused  # single-adapter passes through lora_fused.py (EngineConfig.lora_kernel)
 
     def names(self) -> list[str]:
         return [] if self._peft is None else list(self._peft.peft_config)
@@ -82,6 +84,8 @@ class AdapterHost:
                 self._peft = peft.get_peft_model(self.model, config, adapter_name=name)
             else:
                 self._peft.add_adapter(name, config)
+        # New LoRA layers may have appeared: give them the routed/fused forward (lora_rows.py).
+        install_forwards(self.model, self._fused)
         self._reinit(name, seed)
 
     def _reinit(self, name: str, seed: int) -> None:

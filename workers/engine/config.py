@@ -10,6 +10,7 @@ CheckpointingPolicy = Literal["auto", "on", "off"]
 KernelPolicy = Literal["auto", "liger", "torch"]
 BatchRunsPolicy = Literal["auto", "on", "off"]
 AutocastPolicy = Literal["auto", "on", "off"]
+LoraKernelPolicy = Literal["auto", "fused", "peft"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class EngineConfig:
     matmuls (float32 weights) run on the tensor cores in bf16 instead of in float32; weights,
     gradients and AdamW stay float32. "auto": on CUDA with bf16/fp16 base weights; "off" keeps
     float32 LoRA arithmetic (bench/engine_ablation.py prices it).
+
+    lora_kernel: how a LoRA linear layer computes when one adapter is active. "fused": one autograd
+    node per layer with a hand-written backward (lora_fused.py); "peft": PEFT's own Linear.forward.
+    "auto" is fused. Multi-run (routed) passes always take the fused node.
     """
 
     micro_batch_tokens: int | None = None
@@ -46,6 +51,7 @@ class EngineConfig:
     batch_runs: BatchRunsPolicy = "auto"
     autocast: AutocastPolicy = "auto"
     batch_samples: BatchRunsPolicy = "auto"
+    lora_kernel: LoraKernelPolicy = "auto"
 
     def __post_init__(self) -> None:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
@@ -58,5 +64,7 @@ class EngineConfig:
             raise ValueError(f"batch_samples must be auto, on or off, got {self.batch_samples!r}")
         if self.autocast not in ("auto", "on", "off"):
             raise ValueError(f"autocast must be auto, on or off, got {self.autocast!r}")
+        if self.lora_kernel not in ("auto", "fused", "peft"):
+            raise ValueError(f"lora_kernel must be auto, fused or peft, got {self.lora_kernel!r}")
         if self.kernels not in ("auto", "liger", "torch"):
             raise ValueError(f"kernels must be auto, liger or torch, got {self.kernels!r}")

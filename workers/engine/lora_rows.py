@@ -4,11 +4,13 @@ adapter (issue 8 item 4, "many runs, one GPU").
 PEFT applies its *active* adapters to every row, and its mixed-batch path (`adapter_names=`) is
 refused in training mode and gathers rows by index. Here the rows of a batch are grouped by run
 (contiguous segments along the first dimension), PEFT's own LoRA addition is switched off for the
-pass (no active adapter), and a forward hook on each LoRA layer adds `B_r(A_r(x[rows of r])) *
-scaling_r` segment by segment: slices, not gathers, and one base matmul for all rows. PEFT still
-owns the adapters' parameters, their names and the checkpoint format (adapters.py).
+pass (no active adapter), and each LoRA layer's installed forward (install_forwards) adds
+`B_r(A_r(x[rows of r])) * scaling_r` segment by segment in one autograd node (lora_fused.py):
+slices, not gathers, and one base matmul for all rows. The same forward serves single-adapter
+passes when EngineConfig.lora_kernel is fused. PEFT still owns the adapters' parameters, their
+names and the checkpoint format (adapters.py).
 
-The segments live in a context variable, read by the hooks when the layer runs, so they must be
+The segments live in a context variable, read by the forwards when the layer runs, so they must be
 set while autograd may *recompute* a layer too (activation checkpointing replays decoder layers in
 backward; logits.py replays the vocabulary projection): callers keep the context open across the
 backward and give the projection its own context inside the checkpointed function.
@@ -16,15 +18,17 @@ backward and give the projection its own context inside the checkpointed functio
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from workers.engine.lora_fused import Piece, lora_linear
 
 # (adapter name, first row, end row) along the layer input's first dimension; None: PEFT as usual.
 Segments = tuple[tuple[str, int, int], ...]
@@ -41,37 +45,63 @@ def routed(segments: Sequence[tuple[str, int, int]]) -> Iterator[None]:
         _segments.reset(token)
 
 
-def _add_segment_deltas(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-    segments = _segments.get()
-    if segments is None:
-        return None
-    assert isinstance(module, LoraLinear)
-    x = args[0]
-    # In the activations' dtype (bf16 on a GPU): PEFT casts x to the float32 LoRA weights, runs
-    # both matmuls in float32 off the tensor cores, scales the [tokens, out] product and casts it
-    # back, which on a small model costs more than the base matmul (bench/engine_ablation.py).
-    # Here the small weights are cast instead, the scaling is applied to the [tokens, rank]
-    # intermediate, and the last matmul adds into the base output inside the GEMM (addmm).
-    # Gradients reach the float32 weights through the casts.
-    pieces = []
+def _pieces(layer: LoraLinear, x: torch.Tensor, segments: Segments) -> list[Piece]:
+    """Segments along x's first dimension, as lora_fused pieces along its flattened rows."""
+    per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+    pieces: list[Piece] = []
     for adapter, start, end in segments:
-        weight_a = module.lora_A[adapter].weight
-        weight_b = module.lora_B[adapter].weight
+        weight_a, weight_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         assert isinstance(weight_a, torch.Tensor) and isinstance(weight_b, torch.Tensor)
-        rows = x[start:end]
-        low = F.linear(rows, weight_a.to(rows.dtype)) * module.scaling[adapter]
-        pieces.append((low, weight_b.to(rows.dtype)))
-    if len(pieces) == 1 and segments[0][1] == 0 and pieces[0][0].shape[0] == output.shape[0]:
-        low, weight = pieces[0]
-        flat = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), weight.t())
-        return flat.reshape(output.shape)
-    delta = torch.cat([F.linear(low, weight) for low, weight in pieces])
-    return output + delta.to(output.dtype)
+        pieces.append((weight_a, weight_b, layer.scaling[adapter], start * per_row, end * per_row))
+    return pieces
+
+
+def _plain_adapters(layer: LoraLinear) -> list[str] | None:
+    """The active adapters if the fused path computes exactly what PEFT would, else None."""
+    if layer.disable_adapters or layer.merged or not isinstance(layer.base_layer, nn.Linear):
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    for name in active:
+        dropout = layer.lora_dropout[name]
+        if name in layer.lora_variant or (layer.training and not isinstance(dropout, nn.Identity) and dropout.p):
+            return None
+    return active
+
+
+def _routed_forward(layer: LoraLinear, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """Installed as a LoRA layer's forward (RowRouter): the routed segments while `routed(...)` is
+    open; otherwise, where `fused` is on and the layer is plain, the active adapter through the
+    fused node (lora_fused.py); otherwise PEFT's own forward."""
+    base = layer.base_layer
+    assert isinstance(base, nn.Linear)
+    segments = _segments.get()
+    if segments is not None:
+        return lora_linear(x, base.weight, base.bias, _pieces(layer, x, segments))
+    if getattr(layer, "_tuft_fused", False) and not args and not kwargs:
+        active = _plain_adapters(layer)
+        if active == []:
+            return base(x)
+        if active is not None and len(active) == 1:
+            rows = x.shape[0] if x.dim() > 1 else 1
+            return lora_linear(x, base.weight, base.bias, _pieces(layer, x, ((active[0], 0, rows),)))
+    return LoraLinear.forward(layer, x, *args, **kwargs)
+
+
+def install_forwards(model: nn.Module, fused: bool) -> None:
+    """Give every plain LoRA linear layer of `model` the routed forward (idempotent; call after
+    adding an adapter, since PEFT may then create new layers). fused: single-adapter passes take the
+    fused node too, not only routed ones (EngineConfig.lora_kernel)."""
+    for layer in model.modules():
+        if type(layer) is LoraLinear and isinstance(layer.base_layer, nn.Linear):
+            # Instance attributes, so PEFT's class and other models' layers stay untouched.
+            attributes = vars(layer)
+            attributes.setdefault("forward", types.MethodType(_routed_forward, layer))
+            attributes["_tuft_fused"] = fused
 
 
 class RowRouter:
-    """Switches a pass of a PEFT-wrapped model into routed mode, hooking its LoRA layers for the
-    duration."""
+    """Switches a pass of a PEFT-wrapped model into routed mode (no PEFT-active adapter; the
+    installed forwards add each segment's adapter)."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
@@ -83,7 +113,12 @@ class RowRouter:
         """Only plain LoRA on linear layers is routed (not fused MoE experts, embeddings, DoRA)."""
         layers = self._layers()
         return bool(layers) and all(
-            type(m) is LoraLinear and not m.lora_variant and not m.merged and not m.disable_adapters for m in layers
+            type(m) is LoraLinear
+            and "forward" in m.__dict__
+            and not m.lora_variant
+            and not m.merged
+            and not m.disable_adapters
+            for m in layers
         )
 
     @contextmanager
@@ -93,12 +128,8 @@ class RowRouter:
         layers = self._layers()
         wanted = set(adapters)
         saved = []
-        # Hooked only while the batch is open (its backward, and any recompute, run inside it), so
-        # single-run passes never pay for the hook.
-        hooks = []
         for layer in layers:
             assert isinstance(layer, LoraLinear)
-            hooks.append(layer.register_forward_hook(_add_segment_deltas))
             saved.append((layer, layer._active_adapter))
             layer._active_adapter = []
             for name in layer.lora_A:
@@ -110,5 +141,3 @@ class RowRouter:
         finally:
             for layer, active in saved:
                 layer._active_adapter = active
-            for hook in hooks:
-                hook.remove()
