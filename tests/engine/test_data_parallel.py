@@ -59,9 +59,9 @@ def rl_datum(seq: Sequence[int], seed: int) -> Datum:
 def grad_gap(a: Mapping[str, torch.Tensor | None], b: Mapping[str, torch.Tensor | None]) -> float:
     """|a - b| / |b| over all parameters (both must have a gradient exactly where the other has)."""
     assert a.keys() == b.keys() and all((a[k] is None) == (b[k] is None) for k in a)
-    keys = [k for k in a if b[k] is not None]
-    diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in keys)  # type: ignore[operator]
-    norm = sum(float((b[k] ** 2).sum()) for k in keys)  # type: ignore[operator]
+    pairs = [(ga, gb) for k, ga in a.items() if ga is not None and (gb := b[k]) is not None]
+    diff = math.fsum(float(((ga - gb) ** 2).sum()) for ga, gb in pairs)
+    norm = math.fsum(float((gb**2).sum()) for _, gb in pairs)
     return math.sqrt(diff / norm)
 
 
@@ -152,7 +152,8 @@ def test_invalid_op_fails_on_every_rank_and_changes_nothing(ranks: tuple[DataPar
     with pytest.raises(OpInputError, match="datum 1: target_tokens"):
         dp.forward_backward("dp:bad", fb(datum(SEQS[2]), datum([1, 2, 10**9]), datum(SEQS[3])))
     after = dp.adapter_grads("dp:bad")
-    assert all(torch.equal(before[k], after[k]) for k in before)  # type: ignore[arg-type]
+    assert all(torch.equal(g, after[k]) for k, g in before.items() if g is not None)
+    assert all(g is not None for g in before.values())
     with pytest.raises(OpInputError, match="learning_rate"):
         dp.optim_step("dp:bad", OptimStepOp(adam=AdamParams(learning_rate=-1.0)))
     # The ranks are still in step: a forward_backward and a step agree with one process.
