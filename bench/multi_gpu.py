@@ -13,7 +13,7 @@ The one-GPU baseline runs first, in this process on cuda:0, and is freed before 
 both see the same free memory. Prints one JSON line: tokens/s of each, the speed-up, optim_step
 time, peak memory of rank 0. A shape that does not fit one GPU (Qwen3-32B on an 80 GB card) needs
 FSDP2 sharding, which is designed (docs/architecture.md, "Several GPUs per worker") but not built:
-the baseline then fails with out-of-memory, and the script says so.
+both runs then fail with out-of-memory, and the script says so.
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ def main() -> None:
         dp = launch(engine_args, args.ranks)
         try:
             result["parallel"] = measure(dp, spec.model_name, op, args.repeat, args.rank)
+        except OutOfMemory as exc:
+            result["parallel"] = f"out of memory on a rank ({exc}): every rank holds the whole base model"
         finally:
             dp.close()
-        if isinstance(result["one"], dict):
+        if isinstance(result["one"], dict) and isinstance(result["parallel"], dict):
             result["speedup"] = result["parallel"]["tokens_per_s"] / result["one"]["tokens_per_s"]
         if args.device == "cuda":
             result["rank0_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
