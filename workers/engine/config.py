@@ -35,6 +35,10 @@ class EngineConfig:
     one batch (TorchEngine.sample_many): "auto" on CUDA only, like batch_runs (on the CPU a replay
     of one sample reproduces the served result bit for bit only if it ran alone); "on" / "off".
 
+    decode_graphs: whether a batched decode (decode.py) runs the static-shape step of
+    decode_graph.py, captured in CUDA graphs on CUDA: "auto" on CUDA only; "on" forces it (on the
+    CPU the static step runs uncaptured, as the tests do); "off" keeps decode.py's own step.
+
     autocast: forward_backward under torch.autocast in the base weights' dtype, so the LoRA
     matmuls (float32 weights) run on the tensor cores in bf16 instead of in float32; weights,
     gradients and AdamW stay float32. "auto": on CUDA with bf16/fp16 base weights; "off" keeps
@@ -51,6 +55,7 @@ class EngineConfig:
     batch_runs: BatchRunsPolicy = "auto"
     autocast: AutocastPolicy = "auto"
     batch_samples: BatchRunsPolicy = "auto"
+    decode_graphs: BatchRunsPolicy = "auto"
     lora_kernel: LoraKernelPolicy = "auto"
 
     def __post_init__(self) -> None:
@@ -62,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"batch_runs must be auto, on or off, got {self.batch_runs!r}")
         if self.batch_samples not in ("auto", "on", "off"):
             raise ValueError(f"batch_samples must be auto, on or off, got {self.batch_samples!r}")
+        if self.decode_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"decode_graphs must be auto, on or off, got {self.decode_graphs!r}")
         if self.autocast not in ("auto", "on", "off"):
             raise ValueError(f"autocast must be auto, on or off, got {self.autocast!r}")
         if self.lora_kernel not in ("auto", "fused", "peft"):
