@@ -1,11 +1,12 @@
 """One poller resolves every waiting retrieve_future (layout-and-style.md §3 item 14).
 
-Waiters register an asyncio future; one query (`IN (...)` over all of them) finds the finished
-ones. It runs when a push says a result was committed (`kick`: PostgreSQL NOTIFY or a worker's
-datagram, app/api/pushes.py), and otherwise every `interval` while anyone waits: the safety net
-for a lost push, or a result committed by something that does not push (issue 11; before, the
-poll tick alone cost a waiting client ~35 ms per op). A poll is held up to `long_poll_seconds`
-(25 s by default, below the SDK's 45 s read timeout), then answered try_again.
+Waiters register an asyncio future; one query (`IN (...)`) finds the finished ones. It runs when a
+push says a result was committed (`kick`: a PostgreSQL NOTIFY naming the op, or a worker's
+datagram naming none, app/api/pushes.py), asking only for the ops a push named, and every
+`interval` while anyone waits, asking for all of them: the safety net for a lost push, or a result
+committed by something that does not push (issue 11; before, the poll tick alone cost a waiting
+client ~35 ms per op). A poll is held up to `long_poll_seconds` (25 s by default, below the SDK's
+45 s read timeout), then answered try_again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class FuturePoller:
         self._waiters: dict[str, list[asyncio.Future[FutureView]]] = defaultdict(list)
         self._has_waiters = asyncio.Event()
         self._kicked = asyncio.Event()
+        self._pushed: set[str] = set()  # named by pushes since the last query
+        self._everything = False  # an unnamed push: ask for every waiter
         self._task: asyncio.Task[None] | None = None
         self.queries = 0  # tests and the bench read it
 
@@ -43,8 +46,16 @@ class FuturePoller:
 
     def kick(self, request_ids: Iterable[str] | None = None) -> None:
         """A push (on the event loop): these ops, or some unnamed ones, reached a terminal state.
-        Only a push for an op someone here waits for costs a query."""
-        if request_ids is None or any(r in self._waiters for r in request_ids):
+        Only a push for an op someone here waits for costs a query, and that query asks for the
+        pushed ops alone: with 1,000 polls waiting, asking for all of them on every push cost a
+        1,000-id lookup per result (bench/load_1000.py)."""
+        if request_ids is None:
+            self._everything = True
+            self._kicked.set()
+            return
+        named = [r for r in request_ids if r in self._waiters]
+        if named:
+            self._pushed.update(named)
             self._kicked.set()
 
     def watch(self, request_id: str) -> asyncio.Future[FutureView]:
@@ -79,14 +90,24 @@ class FuturePoller:
             return None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_sweep = loop.time()
         while True:
             if not self._waiters:
                 self._has_waiters.clear()
                 await self._has_waiters.wait()
+                last_sweep = loop.time()
+            # The safety net runs on its own clock: a steady stream of pushes must not postpone it.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kicked.wait(), self.interval)
+                await asyncio.wait_for(self._kicked.wait(), max(0.0, last_sweep + self.interval - loop.time()))
             self._kicked.clear()
-            ids = list(self._waiters)
+            if self._everything or loop.time() >= last_sweep + self.interval:
+                ids = list(self._waiters)
+                last_sweep = loop.time()
+            else:
+                ids = [r for r in self._pushed if r in self._waiters]
+            self._everything = False
+            self._pushed.clear()
             if not ids:
                 continue
             try:
