@@ -2,8 +2,9 @@
 
 - PostgreSQL: one connection per API process LISTENs on `tuft_done`; the statement that makes an
   op terminal queues a NOTIFY with its request_id (app/queue/notify.py), delivered on commit.
-  The connection is direct (LISTEN needs a session: not through a transaction-mode PgBouncer) and
-  reconnects after an error; every reconnect kicks the poller once, for what it may have missed.
+  The connection needs a session (LISTEN through a transaction-mode PgBouncer loses its
+  notifications): `database_listen_url` points it past such a pooler. It reconnects after an
+  error; every reconnect kicks the poller once, for what it may have missed.
 - SQLite (`tuft launch`): the API listens on a localhost UDP port named in `<data_dir>/wake/*.api`
   and its host's workers send a datagram after each commit (app/localbell.py, API_SUFFIX).
 
@@ -102,8 +103,9 @@ class DatagramListener:
 class Pushes:
     """The push source for this API's database."""
 
-    def __init__(self, url: str, data_dir: Path, poller: FuturePoller) -> None:
-        self._pg = PgListener(url, poller) if url.startswith("postgresql") else None
+    def __init__(self, url: str, data_dir: Path, poller: FuturePoller, listen_url: str | None = None) -> None:
+        # listen_url: `database_listen_url`, a session connection where `url` goes through a pooler.
+        self._pg = PgListener(listen_url or url, poller) if url.startswith("postgresql") else None
         self._udp = None if self._pg is not None else DatagramListener(data_dir, poller)
 
     async def start(self) -> None:

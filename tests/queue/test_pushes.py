@@ -4,18 +4,23 @@ notifies the APIs (NOTIFY tuft_done with the request id); a rolled-back one noti
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from app.api.longpoll import FuturePoller
+from app.api.pushes import Pushes
 from app.db import migrate
 from app.db.engine import Database
 from app.domain.ops import AdamParams, OptimStepOp
 from app.queue import claim, leases, submit
 from app.queue.notify import CHANNEL
+from tests.conftest import PG_ADMIN_URL
 from tests.queue.test_queue import TENANT, _commit, _register, _run, _submit
 from workers.pglisten import WorkListener
 
@@ -62,4 +67,71 @@ def test_owned_runs_op_wakes_its_owner_and_its_result_is_pushed(pg_url: str) -> 
     finally:
         stop.set()
         listener.join(timeout=5)
+        db.dispose()
+
+
+def _listening(url: str, since: float) -> bool:
+    """The API's LISTEN connection is up in the database `url` names (started after `since`)."""
+    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'api-listen' AND datname = %s "
+            "AND query LIKE 'LISTEN%%' AND backend_start >= to_timestamp(%s)",
+            (make_url(url).database, since),
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def _pushed(db: Database, tmp_path: Path, listen_url: str) -> bool:
+    """Whether a committed result wakes a waiting poll through the API's listener on `listen_url`,
+    with the poller's own tick out of reach (only a push can resolve the wait in time)."""
+    _register(db, "w1")
+    run_id = _run(db)
+    _submit(db, run_id, 1)
+    with db.write() as s:
+        leases.acquire_runs(s, "w1", 30.0)
+    with db.read() as s:
+        (ready,) = claim.ready_run_ops(s, "w1")
+
+    async def main() -> bool:
+        poller = FuturePoller(db, interval=600.0)
+        poller.start()
+        pushes = Pushes(db.url, tmp_path, poller, listen_url=listen_url)
+        since = time.time() - 1.0
+        await pushes.start()
+        try:
+            waiter = poller.watch(ready.request_id)
+            deadline = time.monotonic() + 10
+            while not await asyncio.to_thread(_listening, listen_url, since):
+                assert time.monotonic() < deadline, "the listener never connected"
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(_commit, db, "w1", ready)
+            view = await poller.hold(waiter, 3.0)
+            return view is not None and view.status == "succeeded"
+        finally:
+            await pushes.stop()
+            await poller.stop()
+
+    return asyncio.run(main())
+
+
+def test_pushes_arrive_through_a_separate_listen_url(pg_url: str, tmp_path: Path) -> None:
+    # database_listen_url (PgBouncer in transaction mode for the pool, LISTEN direct): the listener
+    # connects with it, not with database_url. The same database under another spelling of the URL
+    # (postgresql:// for postgresql+psycopg://) delivers the push...
+    migrate.upgrade(pg_url)
+    db = Database(pg_url, process_name="test")
+    try:
+        assert _pushed(db, tmp_path, pg_url.replace("postgresql+psycopg://", "postgresql://", 1))
+    finally:
+        db.dispose()
+
+
+def test_the_listener_uses_the_listen_url_not_the_main_one(pg_url: str, tmp_path: Path) -> None:
+    # ...and a listen URL naming another database (NOTIFY is per database) hears nothing, so the
+    # push above came through the listen URL.
+    migrate.upgrade(pg_url)
+    db = Database(pg_url, process_name="test")
+    try:
+        assert not _pushed(db, tmp_path, PG_ADMIN_URL)
+    finally:
         db.dispose()
