@@ -15,6 +15,8 @@ in the same order:
   the same call. Equal gradients and weights give equal AdamW updates, so the weights stay equal;
 - everything else (save, export, sampling, inspection) runs on rank 0 alone, whose state is the run's.
 
+What a rank runs for one command is in rank_work.py.
+
 Commands travel over multiprocessing queues rather than collectives, so an idle follower waits for
 the next one without a collective timeout, and rank 0 watches the followers' process handles while
 it waits: a rank that died fails the call at once with DeviceFatal (the worker exits; its leases
@@ -32,25 +34,22 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from app.domain.models import ModelSpec
 from app.domain.ops import ForwardBackwardOp, LoraConfig, OptimStepOp
 from app.domain.results import ForwardBackwardResult, OptimStepResult
-from workers.engine.config import EngineConfig
 from workers.engine.engine import TorchEngine
-from workers.engine.errors import DeviceFatal, OpInputError, OutOfMemory
+from workers.engine.errors import DeviceFatal, OpInputError
 from workers.engine.losses import DatumResults, assemble
+from workers.engine.rank_work import EngineArgs, Failure, balance, execute
+
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "DataParallelEngine", "EngineArgs", "balance", "launch"]
 
 log = logging.getLogger("tuft.engine")
 
@@ -60,145 +59,6 @@ DEFAULT_TIMEOUT_SECONDS = 900.0
 _POLL_SECONDS = 0.1
 # The verbs every rank makes (module docstring); forward_backward is the data-parallel one.
 MIRRORED = ("create_run", "drop_run", "load_run", "optim_step", "free_memory", "unload_idle_models")
-
-
-def balance(lengths: Sequence[int], ranks: int) -> list[list[int]]:
-    """Datum indices per rank: longest first, each to the rank with the fewest tokens so far (ties:
-    the lowest rank), so the ranks finish together; each share in the op's order."""
-    loads = [0] * ranks
-    shares: list[list[int]] = [[] for _ in range(ranks)]
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        rank = min(range(ranks), key=lambda r: (loads[r], r))
-        shares[rank].append(i)
-        loads[rank] += lengths[i]
-    return [sorted(share) for share in shares]
-
-
-@dataclass(frozen=True)
-class EngineArgs:
-    """What every rank builds its TorchEngine from. device "cuda": rank r uses cuda:r (the worker
-    set CUDA_VISIBLE_DEVICES to its GPUs, so r indexes its --gpus list)."""
-
-    models: list[ModelSpec]
-    device: str = "cpu"
-    cache_dir: Path | None = None
-    dtype: str | None = None
-    config: EngineConfig | None = None
-
-    def rank_device(self, rank: int) -> torch.device:
-        return torch.device(f"cuda:{rank}") if self.device == "cuda" else torch.device(self.device)
-
-    def build(self, rank: int) -> TorchEngine:
-        device = self.rank_device(rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return TorchEngine(
-            self.models, device=str(device), cache_dir=self.cache_dir, dtype=self.dtype, config=self.config
-        )
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """An exception as it crosses a process boundary (tracebacks and torch types do not pickle well)."""
-
-    kind: str  # "input" | "oom" | "fatal" | "key" | "other"
-    message: str
-
-    @staticmethod
-    def of(exc: BaseException) -> _Failure:
-        kinds = ((OpInputError, "input"), (OutOfMemory, "oom"), (DeviceFatal, "fatal"), (KeyError, "key"))
-        kind = next((k for cls, k in kinds if isinstance(exc, cls)), "other")
-        text = exc.args[0] if kind == "key" and exc.args else str(exc)
-        return _Failure(kind, text if kind != "other" else f"{type(exc).__name__}: {exc}")
-
-    def exception(self, rank: int) -> Exception:
-        where = "" if rank == 0 else f" (on rank {rank})"
-        classes: dict[str, type[Exception]] = {"input": OpInputError, "oom": OutOfMemory, "fatal": DeviceFatal}
-        if self.kind == "key":
-            return KeyError(self.message)
-        return classes.get(self.kind, RuntimeError)(self.message + where)
-
-
-# One rank's share of a forward_backward: (datum index, logprobs, loss, ratio_mean, clip_fraction).
-_Rows = list[tuple[int, np.ndarray, float, float, float]]
-
-
-def _forward_backward_share(
-    engine: TorchEngine,
-    rank: int,
-    world: int,
-    device: torch.device,
-    run_id: str,
-    op: ForwardBackwardOp,
-    budget: int | None,
-) -> tuple[_Failure | None, _Rows, int | None]:
-    """This rank's part of a forward_backward; the same collectives, in the same order, on every rank."""
-    share = balance([len(d.tokens) for d in op.data], world)[rank]
-    failure: _Failure | None = None
-    params: list[nn.Parameter] = []
-    per: DatumResults | None = None
-    try:
-        params = [] if op.forward_only else engine.trainable_parameters(run_id)
-    except Exception as exc:
-        failure = _Failure.of(exc)
-    # The op accumulates into fresh gradients, so that only its own are summed across ranks (the
-    # earlier ones already were) and a failure anywhere drops them whole.
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    if failure is None:
-        try:
-            per = engine.forward_backward_share(run_id, op, share, budget)
-        except Exception as exc:
-            failure = _Failure.of(exc)
-    vote = torch.tensor([0.0 if failure is None else 1.0], device=device)
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-    if float(vote) > 0:
-        for p, grad in zip(params, saved, strict=True):
-            p.grad = grad
-        return failure, [], None
-    if params:
-        _sum_gradients(params)
-        for p, grad in zip(params, saved, strict=True):
-            if grad is not None:
-                p.grad = grad if p.grad is None else grad.add_(p.grad)
-    assert per is not None
-    rows: _Rows = []
-    for i in share:
-        logprobs = per.outputs[i]
-        assert logprobs is not None
-        stats = per.stats
-        rows.append((i, logprobs.numpy(), per.losses[i], stats["ratio_mean"][i], stats["clip_fraction"][i]))
-    return None, rows, engine.micro_batch_tokens(run_id) if share else None
-
-
-def _sum_gradients(params: list[nn.Parameter]) -> None:
-    """All-reduce (sum) the parameters' .grad in one flat buffer. A rank whose share gave a
-    parameter no gradient (an empty share) contributes zeros; a per-parameter count rides along,
-    so a parameter that no rank's share reached keeps grad None, as in one process."""
-    flat = torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-        + [torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=params[0].device)]
-    )
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    counts = flat[-len(params) :].tolist()
-    offset = 0
-    for p, count in zip(params, counts, strict=True):
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype) if count > 0 else None
-        offset += n
-
-
-def _execute(engine: TorchEngine, rank: int, world: int, device: torch.device, verb: str, payload: tuple) -> Any:
-    """One command on one rank: (failure, value). Followers return no values of mirrored verbs."""
-    if verb == "forward_backward":
-        failure, rows, budget = _forward_backward_share(engine, rank, world, device, *payload)
-        return failure, (rows, budget)
-    try:
-        value = getattr(engine, verb)(*payload)
-    except Exception as exc:
-        return _Failure.of(exc), None
-    return None, value if rank == 0 else None
 
 
 def _follower(
@@ -226,7 +86,7 @@ def _follower(
         if message is None:
             break
         verb, payload = message
-        replies.put((rank, _execute(engine, rank, world, device, verb, payload)))
+        replies.put((rank, execute(engine, rank, world, device, verb, payload)))
     dist.destroy_process_group()
 
 
@@ -335,9 +195,10 @@ class DataParallelEngine:
     def _mirror(self, verb: str, *payload: Any) -> Any:
         """Every rank makes the call. All succeed, or all fail alike (then rank 0's error is
         raised); ranks that disagree have diverged, which only a restart repairs."""
+        assert verb in MIRRORED, verb
         with self._lock:
             self._send(verb, payload)
-            mine, value = _execute(self.engine, 0, self.world, self._device, verb, payload)
+            mine, value = execute(self.engine, 0, self.world, self._device, verb, payload)
             theirs = self._collect()
         if any((failure is None) != (mine is None) for failure, _ in theirs):
             detail = "; ".join(f"rank {r}: {f.message if f else 'ok'}" for r, (f, _) in enumerate(theirs, 1))
@@ -353,7 +214,7 @@ class DataParallelEngine:
         with self._lock:
             self._send(verb, payload)
             try:
-                mine = _execute(self.engine, 0, self.world, self._device, verb, payload)
+                mine = execute(self.engine, 0, self.world, self._device, verb, payload)
             except RuntimeError as exc:  # a collective failed: a peer died or timed out
                 self._check_alive()
                 self._broken = f"a collective failed: {exc}"
@@ -371,8 +232,8 @@ class DataParallelEngine:
         for commands in self._commands:
             commands.put((verb, payload))
 
-    def _collect(self) -> list[tuple[_Failure | None, Any]]:
-        got: dict[int, tuple[_Failure | None, Any]] = {}
+    def _collect(self) -> list[tuple[Failure | None, Any]]:
+        got: dict[int, tuple[Failure | None, Any]] = {}
         deadline = time.monotonic() + self._timeout
         while len(got) < len(self._processes):
             try:
