@@ -37,7 +37,7 @@ def work(rank: int, world: int, port: int, device: str, out: str) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     where = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
     model = build_tiny_model()
-    model.to(where)
+    model.to(where)  # type: ignore[arg-type]  # transformers types .to as a wrapped method
     model.requires_grad_(False)  # the frozen base, as under LoRA
     if world > 1:
         for layer in model.model.layers:
