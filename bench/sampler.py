@@ -3,12 +3,20 @@ through a rank-r LoRA sampler adapter, decoded by
 
 - hf_generate: HF `generate` on a PEFT model (do_sample, the whole batch in one call);
 - tuft_loop: the previous TuFT sampler, one request after another (sampling.sample);
-- tuft_batched: TorchEngine.sample_many, all B requests in one batch (decode.py).
+- tuft_batched: TorchEngine.sample_many, all B requests in one batch, decode.py's own step
+  (EngineConfig.decode_graphs="off");
+- tuft_graphs: the same batch with the static-shape step of decode_graph.py, replayed from CUDA
+  graphs on CUDA (decode_graphs="on"; on the CPU the static step runs uncaptured).
 
-Prints tokens/s (B x N / wall time) for each, per batch size, and the batched/HF ratio.
+Prints tokens/s (B x N / wall time) for each, per batch size, the batched/HF and graphs/HF ratios,
+and on CUDA each TuFT mode's fraction of the weight-read roofline: decode steps per second times
+the bytes of the weights (base + LoRA), over the HBM bandwidth (--hbm, 3.35e12 B/s for an H100
+SXM). At batch 1 that is the issue's "fraction of the HBM roofline"; KV-cache reads and the prefill
+are not counted, so it is a lower bound of the bandwidth used.
 
     python bench/sampler.py --device cuda --shape qwen3-0.6b --batches 1,8,32,64
     python bench/sampler.py --device cpu --batches 1,8 --new 16    # the built-in tiny model
+    python bench/sampler.py --device cuda --modes tuft_graphs --batches 1 --new 512  # one mode
 
 Each mode runs once to warm up, then --repeat times; the best time is kept. tuft_loop is skipped
 above --loop-max requests (it is linear in B).
@@ -17,6 +25,7 @@ above --loop-max requests (it is linear in B).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -33,6 +42,7 @@ from app.domain.models import BUILTIN_TINY_MODEL, builtin_tiny_spec
 from app.domain.ops import LoraConfig, SampleOp, SamplingParams
 from workers.engine import TorchEngine, build_tiny_model
 from workers.engine.adapters import peft_config_for
+from workers.engine.config import BatchRunsPolicy
 from workers.engine.decode import SampleRequest
 from workers.engine.sampling import sample as loop_sample
 
@@ -64,6 +74,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--loop-max", type=int, default=8)
+    p.add_argument("--modes", default="hf_generate,tuft_loop,tuft_batched,tuft_graphs")
+    p.add_argument("--hbm", type=float, default=3.35e12, help="HBM bytes/s for the roofline fraction")
     p.add_argument("--out", default="")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
@@ -85,22 +97,34 @@ def main() -> None:
 
     hf_peft = peft.get_peft_model(hf_model, peft_config_for(LoraConfig(rank=args.rank, seed=0), hf_model))
     hf_peft.eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in hf_peft.parameters())
     rows: list[dict[str, Any]] = []
     for b in (int(x) for x in args.batches.split(",")):
         row = _measure(args, engine, base, adapter, hf_peft, b)
+        if args.device == "cuda":
+            for mode in ("tuft_batched", "tuft_graphs", "hf_generate"):
+                if mode in row:  # steps/s x weight bytes / bandwidth
+                    row[f"{mode}_roofline"] = row[mode] / b * weight_bytes / args.hbm
         rows.append(row)
-        print(
-            f"batch {b:3d}: hf_generate {row['hf_generate']:9.1f} tok/s  tuft_batched {row['tuft_batched']:9.1f} tok/s"
-            + (f"  tuft_loop {row['tuft_loop']:9.1f} tok/s" if "tuft_loop" in row else "")
-            + f"  batched/hf {row['batched_over_hf']:.2f}",
-            flush=True,
-        )
+        print(f"batch {b:3d}: " + "  ".join(_cell(row, mode) for mode in _MODES if mode in row), end="", flush=True)
+        for mode in ("tuft_batched", "tuft_graphs"):
+            if mode in row and "hf_generate" in row:
+                print(f"  {mode.removeprefix('tuft_')}/hf {row[mode] / row['hf_generate']:.2f}", end="")
+        print(flush=True)
     shape = base if args.device == "cuda" else "tiny"
-    report = {"device": args.device, "shape": shape, "rank": args.rank, "rows": rows}
+    report = {"device": args.device, "shape": shape, "rank": args.rank, "weight_bytes": weight_bytes, "rows": rows}
     if args.device == "cuda":
         report["gpu"] = torch.cuda.get_device_name()
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+_MODES = ("hf_generate", "tuft_loop", "tuft_batched", "tuft_graphs")
+
+
+def _cell(row: dict[str, Any], mode: str) -> str:
+    roof = row.get(f"{mode}_roofline")
+    return f"{mode} {row[mode]:9.1f} tok/s" + (f" ({roof:.0%} roofline)" if roof is not None else "")
 
 
 def _measure(
@@ -127,9 +151,13 @@ def _measure(
                 pad_token_id=0,
             )
 
-    def batched() -> None:
-        results = engine.sample_many(requests)
-        assert all(not isinstance(r, Exception) for r in results), results
+    def batched(graphs: BatchRunsPolicy) -> Callable[[], None]:
+        def run() -> None:
+            engine._config = dataclasses.replace(engine._config, decode_graphs=graphs)
+            results = engine.sample_many(requests)
+            assert all(not isinstance(r, Exception) for r in results), results
+
+        return run
 
     def loop() -> None:
         slot = engine._slots[base]
@@ -137,11 +165,18 @@ def _measure(
         for op in ops:
             loop_sample(slot.loaded, op, args.new)
 
-    row["hf_generate"] = tokens / _best(hf, args.device, args.repeat)
-    row["tuft_batched"] = tokens / _best(batched, args.device, args.repeat)
-    if b <= args.loop_max:
+    modes = args.modes.split(",")
+    if "hf_generate" in modes:
+        row["hf_generate"] = tokens / _best(hf, args.device, args.repeat)
+    if "tuft_loop" in modes and b <= args.loop_max:
         row["tuft_loop"] = tokens / _best(loop, args.device, args.repeat)
-    row["batched_over_hf"] = row["tuft_batched"] / row["hf_generate"]
+    if "tuft_batched" in modes:
+        row["tuft_batched"] = tokens / _best(batched("off"), args.device, args.repeat)
+    if "tuft_graphs" in modes:
+        row["tuft_graphs"] = tokens / _best(batched("on"), args.device, args.repeat)
+    for mode in ("tuft_batched", "tuft_graphs"):
+        if mode in row and "hf_generate" in row:
+            row[f"{mode.removeprefix('tuft_')}_over_hf"] = row[mode] / row["hf_generate"]
     return row
 
 
