@@ -197,6 +197,12 @@ class Settings(BaseModel):
     # and parameters (workers/sample_batch.py): "auto" = on CUDA only (the same seed gives the same
     # tokens alone or batched; on the CPU each sample runs alone all the same); "on" / "off".
     engine_batch_samples: Literal["auto", "on", "off"] = "auto"
+    # A LoRA linear layer's arithmetic with one adapter active: "fused" (auto) = one autograd node
+    # with a hand-written backward (workers/engine/lora_fused.py); "peft" = PEFT's own forward.
+    engine_lora_kernel: Literal["auto", "fused", "peft"] = "auto"
+    # PyTorch's deterministic algorithms: "auto" = on for the CPU, off on CUDA (they cost 5-25% of
+    # a GPU training step and cannot make a GPU replay bitwise; docs/reliability.md, GPU replay).
+    engine_deterministic: Literal["auto", "on", "off"] = "auto"
 
     # Checkpoint downloads (docs/downloads.md): signed, time-limited links served without the API
     # key. Every API process must sign with the same key; unset, one is generated once and kept in

@@ -78,6 +78,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         kernels=settings.engine_kernels,
         batch_runs=settings.engine_batch_runs,
         batch_samples=settings.engine_batch_samples,
+        lora_kernel=settings.engine_lora_kernel,
+        deterministic=settings.engine_deterministic,
     )
 
 

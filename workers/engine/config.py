@@ -47,6 +47,11 @@ class EngineConfig:
     lora_kernel: how a LoRA linear layer computes when one adapter is active. "fused": one autograd
     node per layer with a hand-written backward (lora_fused.py); "peft": PEFT's own Linear.forward.
     "auto" is fused. Multi-run (routed) passes always take the fused node.
+
+    deterministic: PyTorch's deterministic algorithms (determinism.py). "auto": on for the CPU (free
+    there), off on CUDA, where they cost 5-25% of a training step and could not make a GPU replay
+    bitwise (docs/reliability.md, "GPU replay"); "on" / "off" force it. Process-wide: the first
+    engine to load a model sets it.
     """
 
     micro_batch_tokens: int | None = None
@@ -57,6 +62,7 @@ class EngineConfig:
     batch_samples: BatchRunsPolicy = "auto"
     decode_graphs: BatchRunsPolicy = "auto"
     lora_kernel: LoraKernelPolicy = "auto"
+    deterministic: BatchRunsPolicy = "auto"
 
     def __post_init__(self) -> None:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
@@ -73,5 +79,7 @@ class EngineConfig:
             raise ValueError(f"autocast must be auto, on or off, got {self.autocast!r}")
         if self.lora_kernel not in ("auto", "fused", "peft"):
             raise ValueError(f"lora_kernel must be auto, fused or peft, got {self.lora_kernel!r}")
+        if self.deterministic not in ("auto", "on", "off"):
+            raise ValueError(f"deterministic must be auto, on or off, got {self.deterministic!r}")
         if self.kernels not in ("auto", "liger", "torch"):
             raise ValueError(f"kernels must be auto, liger or torch, got {self.kernels!r}")

@@ -17,14 +17,23 @@ import torch
 _configured = False
 
 
-def configure_determinism(device: torch.device) -> None:
-    """Ask torch for deterministic kernels, once per process.
+def configure_determinism(device: torch.device, deterministic: bool = True) -> None:
+    """Ask torch for deterministic kernels (or not), once per process.
 
     On CPU the kernels we use are deterministic already for a fixed thread count (so replay must run
     with the same `torch.get_num_threads()`, which the worker leaves at its default). On CUDA cuBLAS
     needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG must be set before its first use) and a few
     kernels (scatter_add/index_add with atomics) must be swapped for deterministic ones.
     `warn_only=True`: an op without a deterministic implementation should warn, not fail user ops.
+
+    PyTorch's deterministic mode also fills every new tensor with NaN (a debugging aid against
+    reading uninitialised memory); on an H100 that was a third of a training step's kernel launches
+    and made the step CPU-bound (docs/performance.md). The engine never reads memory it did not
+    write, so the fill is switched off.
+
+    deterministic=False (EngineConfig.deterministic "auto" on CUDA): PyTorch's default kernels. On a
+    GPU the deterministic ones cost 5-25% of a training step and never made replay bitwise anyway
+    (cuDNN's attention backward has no deterministic version); docs/reliability.md, GPU replay.
     """
     global _configured
     if _configured:
@@ -32,7 +41,8 @@ def configure_determinism(device: torch.device) -> None:
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     _configured = True
 
 

@@ -144,7 +144,8 @@ class TorchEngine:
         spec = self._spec(base_model)
         slot = self._slots.get(base_model)
         if slot is None:
-            configure_determinism(self._device)
+            policy = self._config.deterministic
+            configure_determinism(self._device, policy == "on" or (policy == "auto" and self._device.type != "cuda"))
             loaded = load_base_model(spec, self._device, self._dtype, self._cache_dir)
             apply_fused_kernels(loaded.model, self._device, self._config.kernels)
             slot = _Slot(

@@ -8,8 +8,9 @@ Qwen3-0.6B step that elementwise work cost more GPU time than every matrix produ
 (docs/performance.md, "What each change buys"), and every extra node is CPU time on the launch path.
 
 Here the whole layer is one autograd.Function: the small A and B weights are cast to the compute
-dtype instead of the activations, the scaling multiplies the rank-sized intermediate, and the second
-matmul accumulates into the base output inside the GEMM (addmm_). Backward is written out by hand:
+dtype instead of the activations, the second matmul accumulates into the base output inside the
+GEMM (addmm_), and the scaling rides on the GEMMs' alpha or on the float32 cast of the weight
+gradients, never on a kernel of its own. Backward is written out by hand:
 grad_x = g W + (scaling * g B) A, grad_B = g^T (scaling * x A^T), grad_A = (scaling * g B)^T x, and
 nothing is computed for a frozen or non-trainable tensor. It saves x (which the base layer would
 save anyway) and the rank-sized intermediate, not the float32 copy of x that PEFT keeps.
@@ -43,7 +44,7 @@ def lora_linear(
     weights = [t for a, b, _, _, _ in pieces for t in (a, b)]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in weights))
     if not needs_grad:
-        out, _ = _forward(x, weight, bias, spans, scalings, lora_dtype, weights)
+        out, _, _ = _forward(x, weight, bias, spans, scalings, lora_dtype, weights)
         return out
     result: torch.Tensor = _FusedLora.apply(x, weight, bias, spans, scalings, lora_dtype, *weights)
     return result
@@ -63,22 +64,31 @@ def _forward(
     scalings: tuple[float, ...],
     lora_dtype: torch.dtype,
     weights: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The output and each piece's scaled intermediate [rows, r] (in lora_dtype)."""
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The output, each piece's unscaled intermediate x A^T [rows, r], and A and B in lora_dtype.
+
+    Kernel launches are what a small model's step is made of (it is CPU-bound on an H100), so the
+    scaling rides on the GEMMs' alpha instead of separate multiplies."""
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(weight.dtype)
         out = F.linear(x2, weight, bias)
         xl = x2 if lora_dtype == x2.dtype else x2.to(lora_dtype)
-        lows = []
+        lows, cast = [], []
         for i, ((start, end), scaling) in enumerate(zip(spans, scalings, strict=True)):
             a, b = weights[2 * i].to(lora_dtype), weights[2 * i + 1].to(lora_dtype)
-            low = F.linear(xl[start:end], a).mul_(scaling)
+            low = F.linear(xl[start:end], a)
             if lora_dtype == out.dtype:
-                out[start:end].addmm_(low, b.t())
+                out[start:end].addmm_(low, b.t(), alpha=scaling)
             else:
-                out[start:end] += F.linear(low, b).to(out.dtype)
+                out[start:end] += F.linear(low, b).mul_(scaling).to(out.dtype)
             lows.append(low)
-    return out.reshape(*x.shape[:-1], out.shape[-1]), lows
+            cast += [a, b]
+    return out.reshape(*x.shape[:-1], out.shape[-1]), lows, cast
+
+
+def _scaled(product: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """scaling * product in `dtype` (the LoRA weights', float32), in one kernel."""
+    return torch.mul(product, scaling, out=torch.empty_like(product, dtype=dtype))
 
 
 class _FusedLora(torch.autograd.Function):
@@ -93,17 +103,18 @@ class _FusedLora(torch.autograd.Function):
         lora_dtype: torch.dtype,
         *weights: torch.Tensor,
     ) -> torch.Tensor:
-        out, lows = _forward(x, weight, bias, spans, scalings, lora_dtype, weights)
+        out, lows, cast = _forward(x, weight, bias, spans, scalings, lora_dtype, weights)
         ctx.spans, ctx.scalings, ctx.lora_dtype = spans, scalings, lora_dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.save_for_backward(x, weight, *lows, *weights)
+        ctx.weight_dtypes = [t.dtype for t in weights]
+        ctx.save_for_backward(x, weight, *lows, *cast)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, *rest = ctx.saved_tensors
         n = len(ctx.spans)
-        lows, weights = rest[:n], rest[n:]
+        lows, cast = rest[:n], rest[n:]
         needs = ctx.needs_input_grad
         lora_dtype = ctx.lora_dtype
         with torch.autocast(grad_out.device.type, enabled=False):
@@ -113,22 +124,23 @@ class _FusedLora(torch.autograd.Function):
             x2: torch.Tensor | None = None
             grads: list[torch.Tensor | None] = []
             for i, ((start, end), scaling) in enumerate(zip(ctx.spans, ctx.scalings, strict=True)):
-                a, b = weights[2 * i], weights[2 * i + 1]
+                a, b = cast[2 * i], cast[2 * i + 1]
+                a_dtype, b_dtype = ctx.weight_dtypes[2 * i], ctx.weight_dtypes[2 * i + 1]
                 need_a, need_b = needs[6 + 2 * i], needs[7 + 2 * i]
-                ac, bc = a.to(lora_dtype), b.to(lora_dtype)
-                grad_b = (gl[start:end].t() @ lows[i]).to(b.dtype) if need_b else None
+                g_rows = gl[start:end]
+                grad_b = _scaled(g_rows.t() @ lows[i], scaling, b_dtype) if need_b else None
                 grad_a = None
                 if need_a or grad_x is not None:
-                    g_low = (gl[start:end] @ bc).mul_(scaling)
+                    g_low = g_rows @ b  # unscaled: the scaling rides on the products below
                     if need_a:
                         if x2 is None:
                             x2 = x.reshape(-1, x.shape[-1]).to(weight.dtype).to(lora_dtype)
-                        grad_a = (g_low.t() @ x2[start:end]).to(a.dtype)
+                        grad_a = _scaled(g_low.t() @ x2[start:end], scaling, a_dtype)
                     if grad_x is not None:
                         if lora_dtype == grad_x.dtype:
-                            grad_x[start:end].addmm_(g_low, ac)
+                            grad_x[start:end].addmm_(g_low, a, alpha=scaling)
                         else:
-                            grad_x[start:end] += (g_low @ ac).to(grad_x.dtype)
+                            grad_x[start:end] += (g_low @ a).mul_(scaling).to(grad_x.dtype)
                 grads += [grad_a, grad_b]
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
