@@ -122,6 +122,8 @@ class DataParallelEngine:
         return [p.pid for p in self._processes]
 
     def __getattr__(self, name: str) -> Any:
+        if name == "engine":  # not set yet (or unpickling): no recursion through ourselves
+            raise AttributeError(name)
         return getattr(self.engine, name)
 
     # -- the runner's verbs ---------------------------------------------------------------------
