@@ -108,6 +108,7 @@ class StaticRun:
         index = torch.arange(total, device=device)
         self.rows = padded_rows(dec.rows, index, size, dec.allowed, dec.budget)
         self.logits = _taken(dec.logits, index, size, 0.0)
+        dec.logits = dec.logits[:0]  # copied: the first logits of a large batch are not small
         # Batch position -> output row; padding rows write to the spare row `total`.
         self.positions = list(range(total))
         self.row_id = _taken(index, index, size, total)
