@@ -86,6 +86,29 @@ def test_heartbeat_revives_an_expired_session(api: Api) -> None:
     assert summary is not None and summary["status"] == {"type": "active"}
 
 
+def test_a_heartbeat_writes_only_when_the_stored_one_is_old(api: Api) -> None:
+    # 1,000 sessions beat 100 times a second (issue 11): a heartbeat within a tenth of
+    # session_timeout_seconds of the stored one only checks the session; an older one is written.
+    session_id = api.session()
+    share = api.settings.session_timeout_seconds * 0.1
+
+    def stored() -> float:
+        with api.db.read() as s:
+            return float(s.get_one(Session, session_id).last_heartbeat_at)
+
+    def beat_after(seconds: float) -> tuple[float, float]:
+        with api.db.write() as s:
+            now = db_now(s)
+            s.execute(update(Session).where(Session.session_id == session_id).values(last_heartbeat_at=now - seconds))
+        assert _heartbeat(api, session_id).status_code == 200
+        return now, stored()
+
+    now, after = beat_after(share - 10)
+    assert after == pytest.approx(now - (share - 10))  # recent enough: not rewritten
+    now, after = beat_after(share + 10)
+    assert after >= now  # old: rewritten to the database's clock
+
+
 def test_runs_samplers_and_futures_of_an_expired_session_keep_working(api: Api) -> None:
     session_id = api.session()
     created = api.create_model(session_id)
