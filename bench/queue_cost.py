@@ -119,11 +119,15 @@ class Servers:
 
 
 @contextlib.contextmanager
-def embedded(work: Path) -> Iterator[tuple[str, str, Meters]]:
+def embedded(work: Path, extra_config: str = "") -> Iterator[tuple[str, str, Meters]]:
     servers = Servers(work)
     port = free_port()
+    args = ["launch", "--port", str(port), "--data-dir", str(work / "data"), "--device", "cpu"]
+    if extra_config:
+        (work / "tuft.yaml").write_text(extra_config)
+        args += ["--config", str(work / "tuft.yaml")]
     try:
-        servers.spawn(["launch", "--port", str(port), "--data-dir", str(work / "data"), "--device", "cpu"], "launch")
+        servers.spawn(args, "launch")
         url = f"http://127.0.0.1:{port}"
         servers.wait_ready(url)
         db_url = f"sqlite:///{work / 'data' / 'tuft.db'}"
@@ -133,7 +137,9 @@ def embedded(work: Path) -> Iterator[tuple[str, str, Meters]]:
 
 
 @contextlib.contextmanager
-def deployment(work: Path, admin_url: str, redis_url: str) -> Iterator[tuple[str, str, Meters]]:
+def deployment(
+    work: Path, admin_url: str, redis_url: str, extra_config: str = "", workers: int = 1
+) -> Iterator[tuple[str, str, Meters]]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
@@ -145,16 +151,18 @@ def deployment(work: Path, admin_url: str, redis_url: str) -> Iterator[tuple[str
     try:
         url = admin_url.rpartition("/")[0] + f"/{name}"
         config = work / "tuft.yaml"
-        config.write_text(f"api_keys:\n  - key: {KEY}\n    tenant: default\n")
+        config.write_text(f"api_keys:\n  - key: {KEY}\n    tenant: default\n{extra_config}")
         common = ["--config", str(config), "--data-dir", str(work / "data"), "--database-url", url]
         common += ["--redis-url", redis_url]
         subprocess.run([*TUFT, "db", "upgrade", *common], cwd=SERVER_REPO, env=_env(), check=True, capture_output=True)
         port = free_port()
         servers.spawn(["api", "--port", str(port), *common], "api")
-        servers.spawn(["worker", "--device", "cpu", *common], "worker")
+        for i in range(workers):
+            servers.spawn(["worker", "--device", "cpu", *common], f"worker{i or ''}")
         api = f"http://127.0.0.1:{port}"
         servers.wait_ready(api)
-        yield api, url, Meters({"api": servers.procs[0].pid, "worker": servers.procs[1].pid}, url, redis_url)
+        procs = {"api": servers.procs[0].pid} | {f"worker{i or ''}": p.pid for i, p in enumerate(servers.procs[1:])}
+        yield api, url, Meters(procs, url, redis_url)
     finally:
         servers.stop()
         with admin.connect() as conn:
