@@ -100,14 +100,14 @@ def test_padding_rows_and_compaction_change_nothing(
     # 1 + 1 + 3 + 1 + 1 + 3 = 10 rows in a bucket of 16. At the first sync (after 8 steps) the
     # 8 rows of the requests of 11 tokens or more run on, in a bucket of 8; at the second (16
     # steps) the 4 rows of the two long ones, in a bucket of 4.
-    ops = [*OPS, _op(PROMPTS[1], n=3, max_tokens=30, seed=6)]
-    ops[0] = _op(PROMPTS[0], n=1, max_tokens=25, seed=7)
+    ops = [*OPS, _op(PROMPTS[1], n=3, max_tokens=20, seed=6)]
+    ops[0] = _op(PROMPTS[0], n=1, max_tokens=18, seed=7)
     got, want = _many(static, ops), _many(dynamic, ops)
     for a, b in zip(got, want, strict=True):
         _same(a, b)
     if not ON_GPU:
         assert steps == [16, 8, 4]
-    assert [len(s.tokens) for s in got[-1].sequences] == [30, 30, 30]
+    assert [len(s.tokens) for s in got[-1].sequences] == [20, 20, 20]
 
 
 def test_stops_and_budgets_on_the_device_and_host(static: TorchEngine, dynamic: TorchEngine, cache_dir: Path) -> None:
