@@ -203,6 +203,10 @@ class Settings(BaseModel):
     # PyTorch's deterministic algorithms: "auto" = on for the CPU, off on CUDA (they cost 5-25% of
     # a GPU training step and cannot make a GPU replay bitwise; docs/reliability.md, GPU replay).
     engine_deterministic: Literal["auto", "on", "off"] = "auto"
+    # A batched decode runs a static-shape step captured in CUDA graphs (workers/engine/decode_graph.py):
+    # "auto" = on CUDA only; "on" on the CPU runs the same step uncaptured; "off" = the step shaped
+    # to the live rows (workers/engine/decode.py).
+    engine_decode_graphs: Literal["auto", "on", "off"] = "auto"
 
     # Checkpoint downloads (docs/downloads.md): signed, time-limited links served without the API
     # key. Every API process must sign with the same key; unset, one is generated once and kept in

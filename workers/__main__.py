@@ -80,6 +80,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         batch_samples=settings.engine_batch_samples,
         lora_kernel=settings.engine_lora_kernel,
         deterministic=settings.engine_deterministic,
+        decode_graphs=settings.engine_decode_graphs,
     )
 
 
