@@ -51,6 +51,11 @@ class Settings(BaseModel):
     checkpoint_orphan_grace_seconds: float = Field(3600.0, gt=0)
     # None means the embedded default: SQLite file <data_dir>/tuft.db and no broker.
     database_url: str | None = None
+    # PostgreSQL only: the URL of the LISTEN connections (the API's result pushes, each worker's
+    # wake-ups; one per process). LISTEN needs a session of its own, so behind a transaction-mode
+    # pooler (PgBouncer) point this at PostgreSQL directly, or at a session-mode pool, while
+    # database_url goes through the pooler. Unset: database_url.
+    database_listen_url: str | None = None
     redis_url: str | None = None
 
     supported_models: list[ModelSpec] = Field(default_factory=list)
@@ -266,6 +271,7 @@ _ENV_FIELDS = {
     "TUFT_DATA_DIR": "data_dir",
     "TUFT_CHECKPOINT_DIR": "checkpoint_dir",
     "TUFT_DATABASE_URL": "database_url",
+    "TUFT_DATABASE_LISTEN_URL": "database_listen_url",
     "TUFT_REDIS_URL": "redis_url",
     "TUFT_HOST": "host",
     "TUFT_PORT": "port",
@@ -343,6 +349,10 @@ def _check(settings: Settings) -> None:
         if not key.startswith("tml-"):
             # The SDK refuses any key without this prefix before sending a byte (tinker-protocol.md §0.1).
             raise ConfigError(f"API key {key[:8]}... must start with 'tml-'")
+    if settings.database_listen_url is not None and not (
+        settings.database_listen_url.startswith("postgres") and (settings.database_url or "").startswith("postgres")
+    ):
+        raise ConfigError("database_listen_url needs a PostgreSQL database_url and is a PostgreSQL URL itself")
     if settings.long_poll_seconds >= 40:
         raise ConfigError("long_poll_seconds must stay below the SDK's 45 s read timeout")
     if settings.download_signing_key is not None and len(settings.download_signing_key) < 32:

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if not db.sqlite:
         from workers.pglisten import WorkListener
 
-        WorkListener(db.url, queue, runner.wake, runner.stop).start()
+        WorkListener(settings.database_listen_url or db.url, queue, runner.wake, runner.stop).start()
 
     def _stop(*_: object) -> None:
         runner.stop.set()

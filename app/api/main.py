@@ -205,7 +205,7 @@ def create_app(
         )
         app.state.tuft = state
         poller.start()
-        pushes = Pushes(database.url, settings.resolved_data_dir(), poller)
+        pushes = Pushes(database.url, settings.resolved_data_dir(), poller, listen_url=settings.database_listen_url)
         await pushes.start()
         sweeper = SweeperThread(settings, database, state.doorbell)
         sweeper.start()
