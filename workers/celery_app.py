@@ -4,6 +4,7 @@ and reorderings are all harmless because the runner reads its work from the data
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -15,6 +16,10 @@ _wake_event: threading.Event | None = None
 def make_celery(redis_url: str, wake_event: threading.Event) -> Celery:
     global _wake_event
     _wake_event = wake_event
+    # Celery logs "received" and "succeeded" at INFO for every task: two lines per doorbell ring,
+    # i.e. per op, which at hundreds of ops/s buries everything else in the worker's log.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     app = Celery("tuft-worker", broker=redis_url)
     app.conf.update(
         task_ignore_result=True,
