@@ -6,11 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 CheckpointingPolicy = Literal["auto", "on", "off"]
 KernelPolicy = Literal["auto", "liger", "torch"]
 BatchRunsPolicy = Literal["auto", "on", "off"]
 AutocastPolicy = Literal["auto", "on", "off"]
 LoraKernelPolicy = Literal["auto", "fused", "peft"]
+
+
+def on_by_policy(policy: str, device: torch.device, cuda: bool = True) -> bool:
+    """An auto/on/off switch: "auto" is `cuda` on a CUDA device and the opposite elsewhere."""
+    if policy == "auto":
+        return cuda == (device.type == "cuda")
+    return policy == "on"
 
 
 @dataclass(frozen=True)

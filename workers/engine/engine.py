@@ -29,14 +29,14 @@ from app.domain.results import ForwardBackwardResult, OptimStepResult, SampleRes
 from workers.engine import checkpoint
 from workers.engine.adapters import AdapterHost, adapter_name_for, peft_config_for
 from workers.engine.base_models import LoadedModel, config_vocab_size, load_base_model, resolve_dtype
-from workers.engine.config import EngineConfig
+from workers.engine.config import EngineConfig, on_by_policy
 from workers.engine.decode import SampleJob, SampleRequest, adapter_chunks, decode_batch
 from workers.engine.decode_graph import GraphMode
 from workers.engine.determinism import configure_determinism
 from workers.engine.errors import OpInputError, translate_device_errors
 from workers.engine.kernels import apply_fused_kernels
 from workers.engine.lora_rows import RowRouter
-from workers.engine.losses import DatumResults, prepare_data, run_datums, run_loss
+from workers.engine.losses import DatumResults, PreparedBatch, prepare_data, run_datums, run_loss
 from workers.engine.microbatch import MicroBatcher, Report
 from workers.engine.multi_run import RunBatch, run_together, shareable
 from workers.engine.optim import adam_step, new_optimizer, validate_adam
@@ -144,8 +144,7 @@ class TorchEngine:
         spec = self._spec(base_model)
         slot = self._slots.get(base_model)
         if slot is None:
-            policy = self._config.deterministic
-            configure_determinism(self._device, policy == "on" or (policy == "auto" and self._device.type != "cuda"))
+            configure_determinism(self._device, on_by_policy(self._config.deterministic, self._device, cuda=False))
             loaded = load_base_model(spec, self._device, self._dtype, self._cache_dir)
             apply_fused_kernels(loaded.model, self._device, self._config.kernels)
             slot = _Slot(
@@ -260,14 +259,19 @@ class TorchEngine:
         memory-derived one (a replay passes what `micro_batch_tokens(run_id)` said the first time)."""
         return self._forward_backward(run_id, op, micro_batch_tokens)
 
-    def _forward_backward(
-        self, run_id: str, op: ForwardBackwardOp, micro_batch_tokens: int | None = None
-    ) -> ForwardBackwardResult:
+    def _training_pass(self, run_id: str, op: ForwardBackwardOp) -> tuple[_Run, _Slot, PreparedBatch]:
+        """Validate the op and make the run's adapter the trainable one (raises OpInputError first)."""
         run = self._run(run_id)
         slot = self._slot(run.base_model)
         data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
         slot.host.activate(run.adapter, trainable=True)
         run.micro_batch_tokens = None
+        return run, slot, data
+
+    def _forward_backward(
+        self, run_id: str, op: ForwardBackwardOp, micro_batch_tokens: int | None = None
+    ) -> ForwardBackwardResult:
+        run, slot, data = self._training_pass(run_id, op)
         with self._autocast():
             result = run_loss(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens)
         assert slot.batcher.last is not None
@@ -281,11 +285,7 @@ class TorchEngine:
         """forward_backward's work on the datums at `indices` only (one rank's share of the op,
         data_parallel.py), not reduced: per-datum results at the op's indices, gradients added to
         .grad as forward_backward adds them. The whole op is validated, so every rank fails alike."""
-        run = self._run(run_id)
-        slot = self._slot(run.base_model)
-        data = prepare_data(op, slot.loaded.vocab_size, slot.loaded.spec.max_model_len)
-        slot.host.activate(run.adapter, trainable=True)
-        run.micro_batch_tokens = None
+        run, slot, data = self._training_pass(run_id, op)
         with self._autocast():
             per = run_datums(slot.loaded.model, data, op.forward_only, slot.batcher, micro_batch_tokens, only=indices)
         run.micro_batch_tokens = slot.batcher.last.budget_tokens if indices and slot.batcher.last else None
@@ -354,9 +354,7 @@ class TorchEngine:
         """Whether forward_backward_many shares passes between runs. "auto": on CUDA, where a pass
         of many short ops costs little more than one; on the CPU each op runs alone, so a replay
         after a crash, which runs ops one by one, reproduces the served result bit for bit there."""
-        if self._config.batch_runs == "auto":
-            return self._device.type == "cuda"
-        return self._config.batch_runs == "on"
+        return on_by_policy(self._config.batch_runs, self._device)
 
     @_serialised
     def micro_batch_tokens(self, run_id: str) -> int | None:
@@ -529,9 +527,7 @@ class TorchEngine:
 
     def batches_samples(self) -> bool:
         """Whether the runner should hand this engine several samples at once (EngineConfig)."""
-        if self._config.batch_samples == "auto":
-            return self._device.type == "cuda"
-        return self._config.batch_samples == "on"
+        return on_by_policy(self._config.batch_samples, self._device)
 
     def _graph_mode(self) -> GraphMode:
         """How decode_batch steps (EngineConfig.decode_graphs): captured in CUDA graphs on CUDA,
