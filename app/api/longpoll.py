@@ -34,6 +34,7 @@ class FuturePoller:
         self._everything = False  # an unnamed push: ask for every waiter
         self._task: asyncio.Task[None] | None = None
         self.queries = 0  # tests and the bench read it
+        self.answered = 0  # queries whose answers were handed out (tests wait on it)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tuft-future-poller")
@@ -120,6 +121,7 @@ class FuturePoller:
                 for fut in self._waiters.pop(request_id, []):
                     if not fut.done():
                         fut.set_result(view)
+            self.answered += 1
 
     def _query(self, ids: list[str]) -> dict[str, FutureView]:
         self.queries += 1

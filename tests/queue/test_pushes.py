@@ -104,6 +104,12 @@ def _pushed(db: Database, tmp_path: Path, listen_url: str) -> bool:
             while not await asyncio.to_thread(_listening, listen_url, since):
                 assert time.monotonic() < deadline, "the listener never connected"
                 await asyncio.sleep(0.05)
+            # A (re)connected listener kicks the poller once for what it may have missed; let that
+            # catch-up query finish first, or on a slow machine it can run after the commit below
+            # and answer the wait without any push (CI saw exactly that).
+            while poller.answered < 1:
+                assert time.monotonic() < deadline, "the listener's catch-up query never ran"
+                await asyncio.sleep(0.02)
             await asyncio.to_thread(_commit, db, "w1", ready)
             view = await poller.hold(waiter, 3.0)
             return view is not None and view.status == "succeeded"
