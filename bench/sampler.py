@@ -161,7 +161,7 @@ def _measure(
 
     def loop() -> None:
         slot = engine._slots[base]
-        slot.host.activate(engine._sampler_adapter(slot, base, adapter))
+        slot.host.activate(engine._sampler.adapter(slot, base, adapter))
         for op in ops:
             loop_sample(slot.loaded, op, args.new)
 

@@ -14,7 +14,7 @@ from app.domain.ops import OptimStepOp, SampleOp, SamplingParams
 from app.domain.results import SampleResult
 from tests.engine.helpers import TINY, datum, fb, lora, ref_tol
 from workers.engine import OpInputError, TorchEngine, build_tiny_model, build_tiny_tokenizer
-from workers.engine.engine import SAMPLER_ADAPTER_CACHE
+from workers.engine.sampler import SAMPLER_ADAPTER_CACHE
 from workers.engine.sampling import DEFAULT_MAX_TOKENS, resolve_max_tokens
 
 PROMPT = (9707, 1879, 0, 220)  # "Hello world! "
