@@ -184,6 +184,10 @@ class Settings(BaseModel):
     # one worker over them (data-parallel forward_backward; docs/architecture.md "Several GPUs
     # per worker"). Unset: one GPU (or the CPU) per worker.
     worker_gpus: list[int] | None = None
+    # How such a worker holds its base models: "replicate" = whole on every GPU (data parallel);
+    # "fsdp" = each GPU holds 1/N of the decoder layers (FSDP2), for a model larger than one GPU;
+    # "auto" = fsdp when the largest model's bf16 weights exceed half of one GPU's memory.
+    worker_shard: Literal["auto", "replicate", "fsdp"] = "auto"
     # forward_backward in micro-batches (docs/performance.md "Large batches"): padded tokens per
     # micro-batch, "auto" = from free GPU memory (8192 on CPU); halved after an out-of-memory error.
     micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"

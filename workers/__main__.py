@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tuft worker", description="Run one TuFT GPU/CPU worker.")
     p.add_argument("--gpu", type=int, default=None, help="GPU index to pin (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--gpus", default=None, help="several GPUs of this host for one worker, e.g. 0,1 (multi_gpu.py)")
+    p.add_argument(
+        "--shard",
+        default=None,
+        choices=["auto", "replicate", "fsdp"],
+        help="with --gpus: base models replicated, sharded with FSDP2, or auto (worker_shard)",
+    )
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: settings.worker_device)")
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--database-url", default=None)
@@ -201,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = settings.resolved_data_dir() / "cache"
     from workers.multi_gpu import make_engine
 
-    # With --gpus, ranks 1..N-1 start here (each loads its replica lazily, like rank 0).
+    # With --gpus, ranks 1..N-1 start here (each loads its replica or shard lazily, like rank 0).
     ranks = len(args.gpus) if args.gpus is not None else 1
-    engine = make_engine(settings.models(), device, cache_dir, engine_config(settings), ranks)
+    shard = args.shard or settings.worker_shard
+    engine = make_engine(settings.models(), device, cache_dir, engine_config(settings), ranks, shard=shard)
     _warm_builtin_tokenizer(settings, cache_dir)
     runner = Runner(
         settings,

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(worker)
     worker.add_argument("--gpu", type=int, default=None, help="GPU index to pin")
     worker.add_argument("--gpus", default=None, help="several GPUs of this host for one worker, e.g. 0,1")
+    worker.add_argument(
+        "--shard", default=None, choices=["auto", "replicate", "fsdp"], help="with --gpus: base models sharded or not"
+    )
     worker.add_argument("--device", default=None, help="cpu | cuda | auto")
 
     db = sub.add_parser("db", help="database schema")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         # Replace this process with the worker so signals and exit codes are the worker's own.
         cmd = [sys.executable, "-m", "workers"]
-        for flag in ("config", "data_dir", "database_url", "redis_url", "gpu", "gpus", "device"):
+        for flag in ("config", "data_dir", "database_url", "redis_url", "gpu", "gpus", "shard", "device"):
             value = getattr(args, flag)
             if value is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(value)]

@@ -12,8 +12,9 @@ import pytest
 
 from app.cli.main import build_parser
 from app.config import load_settings
+from app.domain.models import ModelSpec, builtin_tiny_spec
 from workers.__main__ import parse_args
-from workers.multi_gpu import parse_gpus
+from workers.multi_gpu import parse_gpus, resolve_shard, weight_bytes_bf16
 
 
 def test_parse_gpus() -> None:
@@ -33,6 +34,37 @@ def test_cli_and_settings_carry_the_gpus(tmp_path: Path) -> None:
     config.write_text("worker_gpus: [0, 1]\n")
     assert load_settings(config).worker_gpus == [0, 1]
     assert load_settings().worker_gpus is None
+
+
+def test_cli_and_settings_carry_the_shard_mode(tmp_path: Path) -> None:
+    assert build_parser().parse_args(["worker", "--gpus", "0,1", "--shard", "fsdp"]).shard == "fsdp"
+    assert parse_args(["--shard", "replicate"]).shard == "replicate"
+    with pytest.raises(SystemExit):
+        parse_args(["--shard", "tensor"])
+    config = tmp_path / "tuft.yaml"
+    config.write_text("worker_shard: fsdp\n")
+    assert load_settings(config).worker_shard == "fsdp"
+    assert load_settings().worker_shard == "auto"
+
+
+def test_auto_shards_a_model_larger_than_half_a_gpu(tmp_path: Path) -> None:
+    """The size comes from the safetensors headers alone: a float32 tensor of 1000 x 500 counts as
+    1 MB of bf16 weights whatever the file holds."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"a": torch.zeros(1000, 500), "b": torch.zeros(10)}, str(model / "model.safetensors"))
+    spec = ModelSpec(model_name="m", model_path=str(model))
+    assert weight_bytes_bf16(spec) == 2 * (500_000 + 10)
+    assert weight_bytes_bf16(builtin_tiny_spec()) == 0
+    assert resolve_shard("auto", [builtin_tiny_spec(), spec], device_bytes=2_000_000) is True
+    assert resolve_shard("auto", [spec], device_bytes=2_100_000) is False
+    assert resolve_shard("fsdp", [builtin_tiny_spec()], device_bytes=10**12) is True
+    assert resolve_shard("replicate", [spec], device_bytes=1) is False
+    with pytest.raises(ValueError, match="worker_shard"):
+        resolve_shard("tp", [spec], device_bytes=1)
 
 
 def test_worker_refuses_a_bad_gpu_list(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import socket
@@ -86,7 +87,14 @@ def _follower(
         if message is None:
             break
         verb, payload = message
-        replies.put((rank, execute(engine, rank, world, device, verb, payload)))
+        failure, value = execute(engine, rank, world, device, verb, payload)
+        replies.put((rank, (failure, value)))
+        if args.shard and failure is not None and failure.kind == "fatal":
+            # Out of step with the other ranks (sharded.py): exit, so that a peer waiting in a
+            # collective with us fails now rather than at the timeout.
+            replies.close()
+            replies.join_thread()
+            os._exit(3)
     dist.destroy_process_group()
 
 
@@ -221,10 +229,19 @@ class DataParallelEngine:
                 self._check_alive()
                 self._broken = f"a collective failed: {exc}"
                 raise DeviceFatal(self._broken) from exc
+            failure = mine[0]
+            if failure is not None and failure.kind == "fatal":
+                # Over a sharded model the peers may be waiting in a collective we left: no reply
+                # will come, and nothing but a restart brings the ranks back in step.
+                self._broken = f"rank 0: {failure.message}"
+                raise DeviceFatal(self._broken)
             outcomes = [mine, *self._collect()]
-        for rank, (failure, _) in enumerate(outcomes):
-            if failure is not None:
-                raise failure.exception(rank)
+        # The error of a rank that failed by itself, rather than a "peer" rank's echo of it.
+        failed = [(rank, f) for rank, (f, _) in enumerate(outcomes) if f is not None]
+        for rank, failure in sorted(failed, key=lambda item: item[1].kind == "peer"):
+            if failure.kind == "fatal":
+                self._broken = f"rank {rank}: {failure.message}"
+            raise failure.exception(rank)
         return [value for _, value in outcomes]
 
     def _send(self, verb: str, payload: tuple) -> None:
@@ -303,5 +320,6 @@ def launch(args: EngineArgs, world: int, timeout_s: float = DEFAULT_TIMEOUT_SECO
     dist.init_process_group(
         backend, init_method=init_method, rank=0, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
-    log.info("data-parallel engine: %d ranks on %s (pids %s)", world, args.device, [p.pid for p in processes])
+    mode = "base models sharded (FSDP2)" if args.shard else "base models replicated"
+    log.info("multi-rank engine: %d ranks on %s, %s (pids %s)", world, args.device, mode, [p.pid for p in processes])
     return DataParallelEngine(args.build(0), device, processes, commands, replies, timeout_s)

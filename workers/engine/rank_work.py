@@ -20,6 +20,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.engine import TorchEngine
 from workers.engine.errors import DeviceFatal, OpInputError, OutOfMemory
 from workers.engine.losses import DatumResults
+from workers.engine.sharded import ShardedEngine
 
 
 def balance(lengths: Sequence[int], ranks: int) -> list[list[int]]:
@@ -44,6 +45,7 @@ class EngineArgs:
     cache_dir: Path | None = None
     dtype: str | None = None
     config: EngineConfig | None = None
+    shard: bool = False  # the base models sharded over the ranks with FSDP2 (sharded.py)
 
     def rank_device(self, rank: int) -> torch.device:
         return torch.device(f"cuda:{rank}") if self.device == "cuda" else torch.device(self.device)
@@ -52,16 +54,15 @@ class EngineArgs:
         device = self.rank_device(rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        return TorchEngine(
-            self.models, device=str(device), cache_dir=self.cache_dir, dtype=self.dtype, config=self.config
-        )
+        kind = ShardedEngine if self.shard else TorchEngine
+        return kind(self.models, device=str(device), cache_dir=self.cache_dir, dtype=self.dtype, config=self.config)
 
 
 @dataclass(frozen=True)
 class Failure:
     """An exception as it crosses a process boundary (tracebacks and torch types do not pickle well)."""
 
-    kind: str  # "input" | "oom" | "fatal" | "key" | "other"
+    kind: str  # "input" | "oom" | "fatal" | "key" | "peer" (another rank failed) | "other"
     message: str
 
     @staticmethod
@@ -92,15 +93,25 @@ def forward_backward_share(
     op: ForwardBackwardOp,
     budget: int | None,
 ) -> tuple[Failure | None, Rows, int | None]:
-    """This rank's part of a forward_backward; the same collectives, in the same order, on every rank."""
+    """This rank's part of a forward_backward; the same collectives, in the same order, on every rank.
+
+    Over a sharded model (sharded.py) the pass itself is collectives, so the ranks first vote on
+    whether the op is valid everywhere, and a failure inside the pass other than an invalid op
+    (which the batcher raises only once every rank is through) is fatal, with no vote: the peers
+    may be waiting in a collective that this rank will never join."""
     share = balance([len(d.tokens) for d in op.data], world)[rank]
+    lockstep = isinstance(engine, ShardedEngine)
     failure: Failure | None = None
     params: list[nn.Parameter] = []
     per: DatumResults | None = None
     try:
         params = [] if op.forward_only else engine.trainable_parameters(run_id)
+        if isinstance(engine, ShardedEngine):
+            engine.check_op(run_id, op)
     except Exception as exc:
         failure = Failure.of(exc)
+    if lockstep and _vote(failure, device):
+        return failure or Failure("peer", "another rank refused the op"), [], None
     # The op accumulates into fresh gradients, so that only its own are summed across ranks (the
     # earlier ones already were) and a failure anywhere drops them whole.
     saved = [p.grad for p in params]
@@ -111,9 +122,10 @@ def forward_backward_share(
             per = engine.forward_backward_share(run_id, op, share, budget)
         except Exception as exc:
             failure = Failure.of(exc)
-    vote = torch.tensor([0.0 if failure is None else 1.0], device=device)
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-    if float(vote) > 0:
+    out_of_step = lockstep and failure is not None and failure.kind != "input"
+    if out_of_step:
+        failure = Failure("fatal", failure.message if failure else "")
+    if out_of_step or _vote(failure, device):
         for p, grad in zip(params, saved, strict=True):
             p.grad = grad
         return failure, [], None
@@ -130,6 +142,13 @@ def forward_backward_share(
         stats = per.stats
         rows.append((i, logprobs.numpy(), per.losses[i], stats["ratio_mean"][i], stats["clip_fraction"][i]))
     return None, rows, engine.micro_batch_tokens(run_id) if share else None
+
+
+def _vote(failure: Failure | None, device: torch.device) -> bool:
+    """Whether any rank failed (an all-reduce of a failure flag)."""
+    vote = torch.tensor([0.0 if failure is None else 1.0], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return float(vote) > 0
 
 
 def sum_gradients(params: list[nn.Parameter]) -> None:
