@@ -1,6 +1,7 @@
-"""The runner over the data-parallel engine (2 CPU ranks, gloo): ops served from the database as
-by a one-GPU worker, and a rebuild by replay on the same ranks bitwise equal to the served state,
-every replayed result the one the client got (docs/architecture.md, "Several GPUs per worker")."""
+"""The runner over the data-parallel engine (2 CPU ranks, gloo), the base model replicated or
+sharded (FSDP2): ops served from the database as by a one-GPU worker, and a rebuild by replay on the
+same ranks bitwise equal to the served state, every replayed result the one the client got
+(docs/architecture.md, "Several GPUs per worker")."""
 
 from __future__ import annotations
 
@@ -22,14 +23,17 @@ from workers.engine.data_parallel import EngineArgs, launch
 pytestmark = pytest.mark.skipif(ON_GPU, reason="the gloo path is tested on the CPU")
 
 
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
 def test_runner_serves_and_replays_on_the_data_parallel_engine(
-    sqlite_url: str, tmp_path: Path, engine_cache: Path
+    sqlite_url: str, tmp_path: Path, engine_cache: Path, shard: bool
 ) -> None:
     migrate.upgrade(sqlite_url)
     db = Database(sqlite_url)
     settings = make_settings(tmp_path, sqlite_url, snapshot_every_ops=0)  # the rebuild replays every op
     config = EngineConfig(micro_batch_tokens=14)
-    dp = launch(EngineArgs(settings.models(), cache_dir=engine_cache, config=config), world=2, timeout_s=60)
+    dp = launch(
+        EngineArgs(settings.models(), cache_dir=engine_cache, config=config, shard=shard), world=2, timeout_s=60
+    )
     try:
         served = make_runner(settings, db, dp, "dp-served")  # type: ignore[arg-type]
         run_id = new_run(db)
