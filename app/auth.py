@@ -62,6 +62,19 @@ class KeyResolver:
         self._cache: dict[str, tuple[float, str | None]] = {}
         self._lock = threading.Lock()
 
+    def known(self, key: str | None) -> str | None:
+        """The tenant if the answer needs no database (a configured key, or a fresh cache entry
+        for a valid one), else None: the caller answers on the event loop instead of taking a
+        threadpool hop per request (issue 11: every poll and heartbeat carries the key)."""
+        if not key:
+            return None
+        if key in self.configured:
+            return self.configured[key]
+        hit = self._cache.get(hash_key(key))  # a dict read is atomic; writers take the lock
+        if hit is None or hit[1] is None or time.monotonic() - hit[0] > self.ttl:
+            return None
+        return hit[1]
+
     def tenant_for(self, key: str | None) -> str:
         if not key:
             raise Unauthorized("missing X-API-Key header")

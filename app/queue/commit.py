@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import update
+from sqlalchemy import Integer, bindparam, update
 from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_clock
 from app.db.models import Op, Run
 from app.domain.usage import sample_counts
-from app.queue.notify import signal_done
+from app.queue.notify import signal_done, signal_done_on
 
 
 class Fenced(Exception):
@@ -35,6 +35,39 @@ class Outcome:
         return self.error_message is not None
 
 
+# Built once, with bound parameters (see claim._CLAIM_RUN_OP for why); the op's UPDATE in one
+# form per dialect, as its RETURNING differs (notify.signal_done_on).
+_ADVANCE_RUN = (
+    update(Run)
+    .where(
+        Run.run_id == bindparam("b_run_id"),
+        Run.owner_worker == bindparam("b_worker_id"),
+        Run.lease_epoch == bindparam("b_epoch"),
+        Run.next_seq == bindparam("b_seq"),
+    )
+    .values(
+        applied_seq=bindparam("b_seq"),
+        next_seq=bindparam("b_seq") + 1,
+        optimizer_steps=Run.optimizer_steps + bindparam("b_steps", type_=Integer()),
+    )
+    .execution_options(synchronize_session=False)
+)
+_RECORD_OP = (
+    update(Op)
+    .where(Op.request_id == bindparam("b_request_id"), Op.status == "running", Op.claimed_epoch == bindparam("b_epoch"))
+    .values(
+        status=bindparam("b_status", type_=Op.status.type),
+        result=bindparam("b_result", type_=Op.result.type),
+        error_message=bindparam("b_error_message", type_=Op.error_message.type),
+        error_category=bindparam("b_error_category", type_=Op.error_category.type),
+        micro_batch_tokens=bindparam("b_micro_batch_tokens", type_=Op.micro_batch_tokens.type),
+        finished_at=db_clock(),
+    )
+    .execution_options(synchronize_session=False)
+)
+_RECORD_OP_BY_DIALECT = {name: signal_done_on(name, _RECORD_OP) for name in ("postgresql", "sqlite")}
+
+
 def commit_run_op(
     s: DbSession,
     *,
@@ -48,35 +81,28 @@ def commit_run_op(
 ) -> None:
     """Advance the run past `seq` and record the op's outcome, or raise Fenced (caller rolls back)."""
     advanced = s.execute(
-        update(Run)
-        .where(
-            Run.run_id == run_id,
-            Run.owner_worker == worker_id,
-            Run.lease_epoch == epoch,
-            Run.next_seq == seq,
-        )
-        .values(
-            applied_seq=seq,
-            next_seq=seq + 1,
-            optimizer_steps=Run.optimizer_steps + optimizer_steps_delta,
-        )
+        _ADVANCE_RUN,
+        {
+            "b_run_id": run_id,
+            "b_worker_id": worker_id,
+            "b_epoch": epoch,
+            "b_seq": seq,
+            "b_steps": optimizer_steps_delta,
+        },
     )
     if advanced.rowcount != 1:  # type: ignore[attr-defined]
         raise Fenced(f"run {run_id} seq {seq}: lease epoch {epoch} is no longer current")
     recorded = s.execute(
-        signal_done(
-            s,
-            update(Op)
-            .where(Op.request_id == request_id, Op.status == "running", Op.claimed_epoch == epoch)
-            .values(
-                status="failed" if outcome.failed else "succeeded",
-                result=outcome.result,
-                error_message=outcome.error_message,
-                error_category=outcome.error_category,
-                micro_batch_tokens=outcome.micro_batch_tokens,
-                finished_at=db_clock(),
-            ),
-        )
+        _RECORD_OP_BY_DIALECT[s.get_bind().dialect.name],
+        {
+            "b_request_id": request_id,
+            "b_epoch": epoch,
+            "b_status": "failed" if outcome.failed else "succeeded",
+            "b_result": outcome.result,
+            "b_error_message": outcome.error_message,
+            "b_error_category": outcome.error_category,
+            "b_micro_batch_tokens": outcome.micro_batch_tokens,
+        },
     ).all()
     if len(recorded) != 1:
         raise Fenced(f"op {request_id} is no longer claimed under epoch {epoch}")

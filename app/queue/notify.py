@@ -28,7 +28,12 @@ U = TypeVar("U", bound=Update)
 def signal_done(s: DbSession, stmt: U) -> Any:
     """`stmt` (an UPDATE of ops rows to a terminal status) with the push added on PostgreSQL. Call
     `.all()` or `len(...)` on the result for the number of rows, not rowcount."""
-    if s.get_bind().dialect.name == "postgresql":
+    return signal_done_on(s.get_bind().dialect.name, stmt)
+
+
+def signal_done_on(dialect: str, stmt: U) -> Any:
+    """signal_done for a statement built once, before any session (by dialect name)."""
+    if dialect == "postgresql":
         return stmt.returning(func.pg_notify(CHANNEL, Op.request_id))
     return stmt.returning(Op.request_id)
 

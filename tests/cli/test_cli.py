@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.auth import KeyResolver
 from app.db.engine import Database
 from app.domain.errors import Unauthorized
@@ -28,7 +30,16 @@ def test_keys_lifecycle(db_url: str, tmp_path: Path) -> None:
 
     db = Database(db_url)
     try:
-        assert KeyResolver(db, {}).tenant_for(key["key"]) == "acme"
+        resolver = KeyResolver(db, {"tml-configured": "cfg"})
+        # known(): answered without the database only for configured keys and cached valid ones.
+        assert resolver.known("tml-configured") == "cfg"
+        assert resolver.known(key["key"]) is None and resolver.known("tml-wrong") is None
+        assert resolver.tenant_for(key["key"]) == "acme"
+        assert resolver.known(key["key"]) == "acme"
+        with pytest.raises(Unauthorized):
+            resolver.tenant_for("tml-wrong")
+        assert resolver.known("tml-wrong") is None  # a cached refusal still goes the checked way
+        assert resolver.known(None) is None
         listed = json.loads(tuft("keys", "list", "--json", *common).stdout)
         assert [(k["tenant"], k["name"], k["revoked"]) for k in listed] == [("acme", "ci", False)]
         assert key["key"] not in json.dumps(listed)  # only a prefix is ever shown again
