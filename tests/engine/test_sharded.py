@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,17 +166,33 @@ def test_sampling_is_refused(ranks: Ranks) -> None:
         dp.sample(TINY, None, SampleOp(prompt=(1, 2, 3)))
 
 
-def test_a_dead_rank_fails_the_next_call_loudly(ranks: Ranks) -> None:
-    """Last in the module: it breaks the process group for good."""
+def test_a_rank_that_dies_inside_a_pass_fails_the_call_loudly(ranks: Ranks) -> None:
+    """Last in the module: it breaks the process group for good. Rank 1 is killed once rank 0 is
+    inside the sharded pass, so rank 0 is waiting in (or about to enter) an all-gather with it: the
+    call fails with DeviceFatal within seconds (gloo notices the closed connection), not at the
+    process group's timeout, and so does the next call."""
     dp, _ = ranks
     create(ranks, "fsdp:dead")
     pid = dp.pids[0]
     assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    inside = threading.Event()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: inside.set())
+
+    def kill() -> None:
+        if inside.wait(30):
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    long_op = fb(*(datum(list(range(1, 30 + i))) for i in range(200)))
     started = time.monotonic()
-    with pytest.raises(DeviceFatal, match="rank 1"):
-        dp.forward_backward("fsdp:dead", fb(datum(SEQS[0]), datum(SEQS[1])))
+    try:
+        with pytest.raises(DeviceFatal, match="rank 0: a pass through the sharded model failed"):
+            dp.forward_backward("fsdp:dead", long_op, 1)
+    finally:
+        hook.remove()
+        inside.set()
+        killer.join()
     with pytest.raises(DeviceFatal):
         dp.optim_step("fsdp:dead", STEP)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30
