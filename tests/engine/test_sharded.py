@@ -24,9 +24,11 @@ from app.domain.ops import AdamParams, Datum, ForwardBackwardOp, OptimStepOp, Sa
 from app.domain.tensors import Array
 from tests.engine.helpers import ON_GPU, TINY, datum, fb, lora
 from tests.engine.test_data_parallel import SEQS, assert_same_result, grad_gap, rl_datum
-from workers.engine import DeviceFatal, OpInputError, TorchEngine, build_tiny_model
+from workers.engine import DeviceFatal, EngineConfig, OpInputError, TorchEngine, build_tiny_model, microbatch, sharded
 from workers.engine.data_parallel import DataParallelEngine, EngineArgs, launch
-from workers.engine.sharded import ShardedEngine
+from workers.engine.memory import token_costs, tokens_that_fit
+from workers.engine.microbatch import MicroBatcher
+from workers.engine.sharded import LockstepBatcher, ShardedEngine, gathered_layer_bytes
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="the gloo path is tested on the CPU; GPUs need NCCL and several cards")
 
@@ -67,6 +69,23 @@ def test_each_rank_holds_half_of_every_decoder_layer(ranks: Ranks) -> None:
     assert whole == everything
     # The decoder layers halved; the (tied) embedding and the final norm whole on each rank.
     assert whole - local == layers // 2
+
+
+def test_the_auto_budget_leaves_room_for_two_gathered_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU (free memory faked here: the CPU has no budget from memory), FSDP's running and
+    prefetched layers come out of the memory a sharded model's micro-batches may plan with."""
+    model = build_tiny_model()
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    assert gathered_layer_bytes(model) == layer
+    free = 4 * 2**30
+    for module in (microbatch, sharded):
+        monkeypatch.setattr(module, "free_bytes", lambda device: free)
+    plain = MicroBatcher(model, torch.device("cpu"), EngineConfig())
+    lockstep = LockstepBatcher(model, torch.device("cpu"), EngineConfig())
+    costs = token_costs(model)
+    assert plain._budget(False, False) == tokens_that_fit(free, costs.full)
+    assert lockstep._budget(False, False) == tokens_that_fit(free - 2 * layer, costs.full)
+    assert lockstep._budget(True, False) == tokens_that_fit(free - 2 * layer, costs.forward)
 
 
 @pytest.mark.parametrize("loss_fn", ["cross_entropy", "ppo"])

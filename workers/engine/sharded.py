@@ -42,7 +42,7 @@ from workers.engine.errors import DeviceFatal, OpInputError
 from workers.engine.kernels import apply_fused_kernels
 from workers.engine.logits import decoder_hidden
 from workers.engine.losses import DatumResults
-from workers.engine.memory import activation_checkpointing
+from workers.engine.memory import activation_checkpointing, free_bytes, token_costs, tokens_that_fit
 from workers.engine.microbatch import MicroBatcher, Report, _GradStash, plan
 
 SAMPLING_REFUSED = (
@@ -83,6 +83,12 @@ def _move_unsharded(model: nn.Module, device: torch.device) -> None:
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and not isinstance(buffer, DTensor) and buffer.device != device:
                 module._buffers[name] = buffer.to(device)
+
+
+def gathered_layer_bytes(model: nn.Module) -> int:
+    """Bytes of the largest decoder layer's base weights, whole (as FSDP all-gathers them)."""
+    layers = model.get_decoder().layers  # type: ignore[operator]
+    return max((sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers), default=0)
 
 
 def _agree_max(values: Sequence[int], device: torch.device) -> list[int]:
@@ -132,6 +138,18 @@ class LockstepBatcher(MicroBatcher):
         stash.commit()
         self.last = Report(budget, checkpointing, len(groups), 0)
         return self.last
+
+    def _memory_budget(self, forward_only: bool, checkpointing: bool) -> int | None:
+        """As MicroBatcher's, less the memory of the gathered layers: FSDP holds the running layer
+        whole and prefetches the next one, neither of which is allocated when the budget is set."""
+        free = free_bytes(self.device)
+        if free is None:
+            return None
+        costs = token_costs(self.model)
+        per_token = costs.forward if forward_only else costs.checkpointed if checkpointing else costs.full
+        budget = tokens_that_fit(max(0, free - 2 * gathered_layer_bytes(self.model)), per_token)
+        cap = self.caps.get(self._mode(forward_only, checkpointing))
+        return budget if cap is None else min(budget, cap)
 
     def _idle_pass(self, params: list[nn.Parameter], forward_only: bool) -> None:
         """A one-token pass: the same collectives as a micro-batch, no effect on the gradients."""
