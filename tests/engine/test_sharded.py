@@ -183,6 +183,7 @@ def test_sampling_is_refused(ranks: Ranks) -> None:
     dp, _ = ranks
     with pytest.raises(OpInputError, match="sharded"):
         dp.sample(TINY, None, SampleOp(prompt=(1, 2, 3)))
+    assert dp.serves_samples() is False
 
 
 def test_a_rank_that_dies_inside_a_pass_fails_the_call_loudly(ranks: Ranks) -> None:
