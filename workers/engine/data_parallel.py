@@ -15,7 +15,9 @@ in the same order:
   the same call. Equal gradients and weights give equal AdamW updates, so the weights stay equal;
 - everything else (save, export, sampling, inspection) runs on rank 0 alone, whose state is the run's.
 
-What a rank runs for one command is in rank_work.py.
+What a rank runs for one command is in rank_work.py. With `EngineArgs.shard` every rank's engine is
+a ShardedEngine (sharded.py): the base model is sharded over the ranks with FSDP2 instead of
+replicated, and everything above holds as it is, the passes of a forward_backward run in lockstep.
 
 Commands travel over multiprocessing queues rather than collectives, so an idle follower waits for
 the next one without a collective timeout, and rank 0 watches the followers' process handles while
