@@ -6,8 +6,9 @@ model? Prints the loss and the largest LoRA-gradient difference against one unsh
     python bench/fsdp_probe.py                      # CPU, gloo, the built-in tiny model
     python bench/fsdp_probe.py --device cuda --ranks 2  # GPUs, NCCL
 
-Not part of the engine: FSDP2 sharding is designed but not built. On the CPU (torch 2.13.0+cpu,
-2 ranks) the sharded and unsharded runs gave the same loss and bitwise-equal LoRA gradients.
+The probe that chose the design; the engine's sharding is workers/engine/sharded.py (tested in
+tests/engine/test_sharded.py). On the CPU (torch 2.13.0+cpu, 2 ranks) the sharded and unsharded
+runs gave the same loss and bitwise-equal LoRA gradients.
 """
 
 from __future__ import annotations
