@@ -6,7 +6,10 @@ through a rank-r LoRA sampler adapter, decoded by
 - tuft_batched: TorchEngine.sample_many, all B requests in one batch, decode.py's own step
   (EngineConfig.decode_graphs="off");
 - tuft_graphs: the same batch with the static-shape step of decode_graph.py, replayed from CUDA
-  graphs on CUDA (decode_graphs="on"; on the CPU the static step runs uncaptured).
+  graphs on CUDA (decode_graphs="on"; on the CPU the static step runs uncaptured). Its buffers
+  and graphs are kept across calls (decode_state.py): the row also gives the first call's time
+  (allocation and capture included) and how many buffers and steps the calls built (1 and the
+  number of step shapes when the later calls reused them).
 
 Prints tokens/s (B x N / wall time) for each, per batch size, the batched/HF and graphs/HF ratios,
 and on CUDA each TuFT mode's fraction of the weight-read roofline: decode steps per second times
@@ -173,7 +176,19 @@ def _measure(
     if "tuft_batched" in modes:
         row["tuft_batched"] = tokens / _best(batched("off"), args.device, args.repeat)
     if "tuft_graphs" in modes:
+        # The first call builds the static step's buffers and captures its graphs; later calls of
+        # the same shape reuse them (decode_state.py): the timed repeats measure those.
+        states = engine._slot(base).decode
+        states.clear()
+        before = (states.allocations, states.builds)
+        _sync(args.device)
+        start = time.perf_counter()
+        batched("on")()
+        _sync(args.device)
+        row["tuft_graphs_first_call_s"] = time.perf_counter() - start
         row["tuft_graphs"] = tokens / _best(batched("on"), args.device, args.repeat)
+        row["graph_buffer_allocations"] = states.allocations - before[0]
+        row["graph_steps_built"] = states.builds - before[1]
     for mode in ("tuft_batched", "tuft_graphs"):
         if mode in row and "hf_generate" in row:
             row[f"{mode.removeprefix('tuft_')}_over_hf"] = row[mode] / row["hf_generate"]

@@ -43,7 +43,7 @@ def steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
     def spy_init(self: graph.StaticRun, *args: object, **kw: object) -> None:
         init(self, *args, **kw)  # type: ignore[arg-type]
-        sizes.append(self.row_id.shape[0])
+        sizes.append(self.buf.key.rows)
 
     def spy_compact(self: graph.StaticRun, size: int) -> None:
         compact(self, size)

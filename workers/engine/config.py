@@ -48,6 +48,10 @@ class EngineConfig:
     decode_graph.py, captured in CUDA graphs on CUDA: "auto" on CUDA only; "on" forces it (on the
     CPU the static step runs uncaptured, as the tests do); "off" keeps decode.py's own step.
 
+    decode_cache_bytes: the most memory the static decode step's buffers may keep between sample
+    calls, per base model (decode_state.py); a call that needs more gets buffers of its own, freed
+    when it ends. None: a quarter of the GPU's memory on CUDA, 1 GiB on the CPU; 0 keeps nothing.
+
     autocast: forward_backward under torch.autocast in the base weights' dtype, so the LoRA
     matmuls (float32 weights) run on the tensor cores in bf16 instead of in float32; weights,
     gradients and AdamW stay float32. "auto": on CUDA with bf16/fp16 base weights; "off" keeps
@@ -72,6 +76,7 @@ class EngineConfig:
     decode_graphs: BatchRunsPolicy = "auto"
     lora_kernel: LoraKernelPolicy = "auto"
     deterministic: BatchRunsPolicy = "auto"
+    decode_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
@@ -90,5 +95,7 @@ class EngineConfig:
             raise ValueError(f"lora_kernel must be auto, fused or peft, got {self.lora_kernel!r}")
         if self.deterministic not in ("auto", "on", "off"):
             raise ValueError(f"deterministic must be auto, on or off, got {self.deterministic!r}")
+        if self.decode_cache_bytes is not None and self.decode_cache_bytes < 0:
+            raise ValueError(f"decode_cache_bytes must be >= 0 or auto, got {self.decode_cache_bytes}")
         if self.kernels not in ("auto", "liger", "torch"):
             raise ValueError(f"kernels must be auto, liger or torch, got {self.kernels!r}")

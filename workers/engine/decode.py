@@ -31,6 +31,7 @@ from app.domain.results import SampledSequence, SampleResult
 from workers.engine import decode_graph
 from workers.engine.base_models import LoadedModel
 from workers.engine.decode_graph import GraphMode
+from workers.engine.decode_state import DecodeStates
 from workers.engine.kv_cache import RowCache
 from workers.engine.logits import _cache_kwarg, decoder_hidden, project
 from workers.engine.lora_rows import RowRouter, routed
@@ -96,6 +97,7 @@ def decode_batch(
     activate: Callable[[str | None], None],
     router: RowRouter | None,
     graphs: GraphMode = "off",
+    states: DecodeStates | None = None,
 ) -> list[SampleResult]:
     """Run `jobs` as one batch; results in the order of `jobs`.
 
@@ -104,6 +106,8 @@ def decode_batch(
     None when the jobs all use one adapter, which is then activated for the whole decode.
     graphs: "off" decodes with steps shaped to the live rows (below); "eager" / "capture" with the
     static-shape step of decode_graph.py, run as it is or captured in CUDA graphs.
+    states: the model's static-step buffers and graphs kept across calls (decode_state.py); None:
+    the static step allocates its own for this call.
     """
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i].adapter is not None, jobs[i].adapter or ""))
     requests: dict[int, _Request] = {}
@@ -133,7 +137,9 @@ def decode_batch(
             for lo, hi in _row_chunks([r.job.op.num_samples for r in live]):
                 activate(live[lo].job.adapter)
                 logits = torch.cat(first_logits[lo:hi])
-                decoder = _Decoder(lm, live[lo:hi], prefills[lo:hi], logits, router is not None, graphs=graphs)
+                decoder = _Decoder(
+                    lm, live[lo:hi], prefills[lo:hi], logits, router is not None, graphs=graphs, states=states
+                )
                 for k in range(lo, hi):  # copied into the batch cache: free the prompt's own
                     prefills[k] = (DynamicCache(config=model.config), 0)
                     first_logits[k] = first_logits[k][:0]
@@ -191,9 +197,11 @@ class _Decoder:
         route: bool,
         own: DynamicCache | None = None,
         graphs: GraphMode = "off",
+        states: DecodeStates | None = None,
     ) -> None:
         """own: decode one request's rows in its own prefill cache (HF's) instead of a RowCache.
-        graphs: decode with decode_graph.py's static step ("eager" / "capture") or not ("off")."""
+        graphs: decode with decode_graph.py's static step ("eager" / "capture") or not ("off"), over
+        `states` (decode_state.py)."""
         self.lm, self.requests, self.route, self.logits = lm, requests, route, logits
         device = lm.device
         self.allowed = min(lm.vocab_size, len(lm.tokenizer))
@@ -203,16 +211,12 @@ class _Decoder:
         capacity = max(len(r.job.op.prompt) for r in requests) + self.budget
         total = len(self.owner)
         self.graphs = decode_graph.mode_for(graphs, self.budget) if own is None else "off"
-        rows = total
-        if self.graphs != "off":
-            # The static step's shapes: rows padded to a bucket, slots to a round capacity.
-            capacity, rows = decode_graph.round_capacity(capacity), decode_graph.bucket(total)
         self.cache = RowCache(capacity, device)
         self.own = own
-        if own is None:
-            self.cache.fill(prefills, rows)
-        else:
+        if own is not None:
             own.batch_repeat_interleave(prefills[0][1])
+        elif self.graphs == "off":  # (the static step loads the prefills into its own buffers)
+            self.cache.fill(prefills)
         self.rows = build_rows(
             [
                 (
@@ -231,8 +235,8 @@ class _Decoder:
         )
         self.vocab_hash = vocab_hashes(self.allowed, device)
         self.topk = min(max(r.job.op.topk_sample_logprobs for r in requests), lm.vocab_size)
-        # One row more than the batch has: the static step's padding rows all write to it.
-        slots = total + 1
+        # Per row; the static step writes per batch position in its own buffers and copies here.
+        slots = total
         self.tokens = torch.zeros(slots, self.budget, dtype=torch.int64, device=device)
         self.logprobs = torch.zeros(slots, self.budget, dtype=torch.float32, device=device)
         self.top_ids = torch.zeros(slots, self.budget, self.topk, dtype=torch.int64, device=device)
@@ -246,10 +250,16 @@ class _Decoder:
         eager = getattr(lm.model.config, "_attn_implementation", None) == "eager"
         self.eager = eager
         self.window = getattr(lm.model.config, "sliding_window", None)
+        self.dtype = next(lm.model.parameters()).dtype
+        self.static: decode_graph.StaticRun | None = None
+        if self.graphs != "off":
+            # The static step's shapes: rows padded to a bucket, slots to a round capacity.
+            capture = self.graphs == "capture"
+            self.static = decode_graph.StaticRun(self, prefills, decode_graph.round_capacity(capacity), capture, states)
 
     def run(self) -> None:
-        if self.graphs != "off":
-            decode_graph.StaticRun(self, capture=self.graphs == "capture").run(SYNC_EVERY)
+        if self.static is not None:
+            self.static.run(SYNC_EVERY)
             return
         for step in range(self.budget):
             chosen = self._choose(step)
@@ -362,17 +372,21 @@ class _Decoder:
 
     def routed(self, positions: Sequence[int]) -> AbstractContextManager[None]:
         """Route batch position p through the adapter of row positions[p] (when routing)."""
-        if not self.route:
-            return nullcontext()
+        return routed(self.segments(positions)) if self.route else nullcontext()
+
+    def segments(self, positions: Sequence[int]) -> Segments:
+        """(adapter, first position, end position) runs of the rows at `positions`; [] unless routing."""
         segments: Segments = []
+        if not self.route:
+            return segments
         for pos, row in enumerate(positions):
             name = self.owner[row][0].job.adapter
-            assert name is not None  # routed batches hold adapter rows only (TorchEngine._sample_chunk)
+            assert name is not None  # routed batches hold adapter rows only (Sampler._sample_chunk)
             if segments and segments[-1][0] == name:
                 segments[-1] = (name, segments[-1][1], pos + 1)
             else:
                 segments.append((name, pos, pos + 1))
-        return routed(segments)
+        return segments
 
     def collect(self) -> None:
         """Copy the rows' outputs to the host (once) and cut each at its end."""

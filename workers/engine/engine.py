@@ -31,6 +31,7 @@ from workers.engine.adapters import AdapterHost, adapter_name_for, peft_config_f
 from workers.engine.base_models import LoadedModel, config_vocab_size, load_base_model, resolve_dtype
 from workers.engine.config import EngineConfig, on_by_policy
 from workers.engine.decode import SampleRequest
+from workers.engine.decode_state import DecodeStates, cache_limit
 from workers.engine.determinism import configure_determinism
 from workers.engine.errors import OpInputError, translate_device_errors
 from workers.engine.kernels import apply_fused_kernels
@@ -93,6 +94,8 @@ class _Slot:
     batcher: MicroBatcher
     # Routes rows of a multi-run forward_backward through their runs' adapters (lora_rows.py).
     router: RowRouter
+    # The static decode step's buffers and captured graphs, kept across sample calls (decode_state.py).
+    decode: DecodeStates
     # Monotonic time of the last call that used the model: an idle model with no run on it is
     # unloaded (unload_idle_models), so a worker does not keep every model it ever served.
     last_used: float = 0.0
@@ -151,6 +154,7 @@ class TorchEngine:
                 samplers=OrderedDict(),
                 batcher=MicroBatcher(loaded.model, self._device, self._config),
                 router=RowRouter(loaded.model),
+                decode=DecodeStates(cache_limit(self._config.decode_cache_bytes, self._device)),
             )
             self._slots[base_model] = slot
         slot.last_used = time.monotonic()
@@ -230,10 +234,12 @@ class TorchEngine:
     @_serialised
     def free_memory(self) -> None:
         """After an out-of-memory error: drop everything that is only a cache (models without a
-        run, sampler adapters) and hand the allocator's cached blocks back to the device."""
+        run, sampler adapters, the decode step's buffers and graphs) and hand the allocator's
+        cached blocks back to the device."""
         for name in [n for n in self._slots if n not in {r.base_model for r in self._runs.values()}]:
             del self._slots[name]
         for slot in self._slots.values():
+            slot.decode.clear()
             while slot.samplers:
                 _, adapter = slot.samplers.popitem(last=False)
                 slot.host.remove(adapter)

@@ -30,15 +30,13 @@ class RowCache:
         self.host_lengths: list[int] = []
         self._width = 0
 
-    def fill(self, prefills: list[tuple[Any, int]], rows: int | None = None) -> None:
+    def fill(self, prefills: list[tuple[Any, int]]) -> None:
         """Allocate the slots and copy every request's prompt K/V into its rows.
 
         prefills: (HF DynamicCache of one prompt, number of rows that share it), in row order; rows
-        sharing a prompt (num_samples) get copies of the one prefill. rows: allocate this many rows
-        (at least the prefills'); the rows past theirs are padding, empty (length 0).
+        sharing a prompt (num_samples) get copies of the one prefill.
         """
-        used = sum(n for _, n in prefills)
-        rows = max(rows or 0, used)
+        rows = sum(n for _, n in prefills)
         first = prefills[0][0].layers
         for layer in range(len(first)):
             k0, v0 = first[layer].keys, first[layer].values
@@ -52,7 +50,7 @@ class RowCache:
                 row += n
             self.keys.append(keys)
             self.values.append(values)
-        self.host_lengths = [c.layers[0].keys.shape[2] for c, n in prefills for _ in range(n)] + [0] * (rows - used)
+        self.host_lengths = [c.layers[0].keys.shape[2] for c, n in prefills for _ in range(n)]
         self.lengths = torch.tensor(self.host_lengths, dtype=torch.int64, device=self.device)
 
     def keep(self, index: torch.Tensor) -> None:
@@ -61,21 +59,6 @@ class RowCache:
         self.values = [v.index_select(0, index) for v in self.values]
         self.lengths = self.lengths.index_select(0, index)
         self.host_lengths = [self.host_lengths[i] for i in index.tolist()]
-
-    def take(self, index: torch.Tensor, rows: int) -> None:
-        """Keep only the rows at `index`, followed by empty padding rows up to `rows` in all."""
-        n = index.shape[0]
-
-        def taken(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros((rows, *t.shape[1:]))
-            out[:n] = t.index_select(0, index)
-            return out
-
-        for layer in range(len(self.keys)):  # layer by layer, so the old slots are freed as it goes
-            self.keys[layer] = taken(self.keys[layer])
-            self.values[layer] = taken(self.values[layer])
-        self.lengths = taken(self.lengths)
-        self.host_lengths = [self.host_lengths[i] for i in index.tolist()] + [0] * (rows - n)
 
     def step_mask(self, width: int, dtype: torch.dtype, eager: bool, window: int | None = None) -> torch.Tensor:
         """The decode step's attention mask [B, 1, 1, width], the new token's slot included.
@@ -118,8 +101,9 @@ class RowCache:
         return self._width
 
     def full_width(self) -> None:
-        """Attend over every slot from now on (the static decode step, decode_graph.py): the width
-        never changes, and the mask hides the slots at or above each row's length + 1."""
+        """Attend over every slot from now on (the static decode step, decode_graph.py, over views of
+        the buffers decode_state.py keeps): the width never changes, and the mask hides the slots at
+        or above each row's length + 1."""
         self._width = self.capacity
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -99,7 +99,9 @@ class Sampler:
     def _decode(self, slot: _Slot, jobs: list[tuple[int, SampleJob]], router: RowRouter | None, out: Outcomes) -> None:
         if not jobs:
             return
-        results = decode_batch(slot.loaded, [job for _, job in jobs], slot.host.activate, router, self.graph_mode())
+        results = decode_batch(
+            slot.loaded, [job for _, job in jobs], slot.host.activate, router, self.graph_mode(), slot.decode
+        )
         for (i, _), result in zip(jobs, results, strict=True):
             out[i] = result
 
@@ -136,5 +138,6 @@ class Sampler:
         slot.samplers[key] = name
         while len(slot.samplers) > SAMPLER_ADAPTER_CACHE:
             _, evicted = slot.samplers.popitem(last=False)
+            slot.decode.forget(evicted)  # graphs reading its weights go before the weights do
             slot.host.remove(evicted)
         return name
