@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     if not db.sqlite:
         from workers.pglisten import WorkListener
 
-        WorkListener(settings.database_listen_url or db.url, queue, runner.wake, runner.stop).start()
+        WorkListener(
+            settings.database_listen_url or db.url, queue, runner.wake, runner.stop, db=db, worker_id=worker_id
+        ).start()
 
     def _stop(*_: object) -> None:
         runner.stop.set()

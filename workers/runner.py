@@ -141,7 +141,7 @@ class Runner:
                 return True
             if op.run_id not in self.residency.released:  # evicted meanwhile: no longer ours
                 self._run_op_safely(op)
-        sampled = self._sample_once() if found.samples_queued else False
+        sampled = self._sample_once() if found.samples_queued and self._serves_samples() else False
         self.residency.evict_idle()
         return sampled or busy
 
@@ -227,7 +227,8 @@ class Runner:
         self.residency.make_room(op.run_id)
         if not self.states.ensure(op.run_id, op.epoch, op.seq - 1):
             return
-        with self.db.write() as s:
+        # The claim only records progress: its commit is not waited for on disk (write_relaxed).
+        with self.db.write_relaxed() as s:
             if not claim.claim_run_op(s, self.worker_id, op):
                 return
             fault("claim_in_transaction")  # the op's row lock held, COMMIT not yet sent
@@ -387,6 +388,12 @@ class Runner:
             return self.store.folder(row.storage_path)
 
     # ---- sampling --------------------------------------------------------------------------
+    def _serves_samples(self) -> bool:
+        """An engine that cannot sample (a base sharded over several GPUs: engine/sharded.py) says
+        so; such a worker leaves sample requests to the others instead of failing them."""
+        serves = getattr(self.engine, "serves_samples", None)
+        return True if serves is None else bool(serves())
+
     def _sample_once(self) -> bool:
         together = sample_batch.sample_together(self)  # several samples in one decode (issue 9)
         if together is not None:

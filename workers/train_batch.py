@@ -61,7 +61,7 @@ def run_together(runner: Runner, ready: list[ReadyOp]) -> list[ReadyOp]:
             if isinstance(exc, DBAPIError) or is_transient(exc) or isinstance(exc, runner.fatal_errors):
                 raise
             continue  # left to the single path, which frees memory, retries or blocks the run
-        with runner.db.write() as s:
+        with runner.db.write_relaxed() as s:
             if not claim.claim_run_op(s, runner.worker_id, op):
                 continue
             fault("claim_in_transaction")

@@ -59,6 +59,17 @@ def register_worker(s: DbSession, *, worker_id: str, host: str, device: str, que
     s.flush()
 
 
+def set_listens(s: DbSession, worker_id: str, listens: bool) -> None:
+    """Whether this worker hears `NOTIFY tuft_work` (workers/pglisten.py); the API leaves the Celery
+    message out for the runs of a worker that does (submit.submit_run_op)."""
+    s.execute(
+        update(Worker)
+        .where(Worker.worker_id == worker_id)
+        .values(listens=listens)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def heartbeat_age(s: DbSession, pid: int, started_after: float) -> float | None:
     """Seconds since the last heartbeat of the worker process `pid` registered after
     `started_after` (a database-clock time), or None while it has not registered."""

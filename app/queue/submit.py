@@ -57,6 +57,7 @@ class RunContext:
     now: float
     wakeup: Wakeup
     session_finished: str | None  # the finish reason; None while the session is live
+    owner_listens: bool = False  # the owner hears NOTIFY tuft_work (workers.listens)
 
 
 def run_for_submit(s: DbSession, tenant: str, run_id: str) -> RunContext:
@@ -64,19 +65,26 @@ def run_for_submit(s: DbSession, tenant: str, run_id: str) -> RunContext:
     row = None
     if "\x00" not in run_id:
         row = s.execute(
-            select(Run, db_clock(), Worker.queue, Worker.stopped_at, Session.finished_at, Session.finish_reason)
+            select(
+                Run,
+                db_clock(),
+                Worker.queue,
+                Worker.stopped_at,
+                Session.finished_at,
+                Session.finish_reason,
+                Worker.listens,
+            )
             .outerjoin(Worker, Worker.worker_id == Run.owner_worker)
             .outerjoin(Session, Session.session_id == Run.session_id)
             .where(Run.run_id == run_id)
         ).first()
     if row is None or row[0].tenant != tenant:
         raise NotFound(f"training run {run_id!r} not found")
-    run, now, queue, stopped_at, finished_at, finish_reason = row
-    wakeup = (
-        Wakeup(queue, run.run_id) if queue is not None and stopped_at is None else Wakeup(NEW_RUNS_QUEUE, run.run_id)
-    )
+    run, now, queue, stopped_at, finished_at, finish_reason, listens = row
+    owned = queue is not None and stopped_at is None
+    wakeup = Wakeup(queue, run.run_id) if owned else Wakeup(NEW_RUNS_QUEUE, run.run_id)
     finished = (finish_reason or "finished") if finished_at is not None else None
-    return RunContext(run, float(now), wakeup, finished)
+    return RunContext(run, float(now), wakeup, finished, owner_listens=owned and bool(listens))
 
 
 def get_session(s: DbSession, tenant: str, session_id: str, *, live: bool = False) -> Session:
@@ -302,6 +310,7 @@ def submit_run_op(
         finished_at=now if rejected else None,
     )
     wakeup = ctx.wakeup if ctx is not None else _wakeup_for_run(s, run)
+    notify = wakeup.queue != NEW_RUNS_QUEUE and not rejected
     request_id = _insert_or_dedupe(
         s,
         row,
@@ -309,11 +318,14 @@ def submit_run_op(
         f"seq_id {seq} of {run.run_id}",
         run.session_id,
         ctx.session_finished if ctx is not None else False,
-        wake_queue=wakeup.queue if wakeup.queue != NEW_RUNS_QUEUE and not rejected else None,
+        wake_queue=wakeup.queue if notify else None,
     )
     if ctx is None or now - run.last_request_at >= LAST_REQUEST_RESOLUTION_SECONDS:
         run.last_request_at = now
-    return Submitted(request_id, wakeup)
+    # An owner that hears the INSERT's NOTIFY needs no Celery message as well (workers.listens).
+    # On SQLite there is no NOTIFY, and the local doorbell is always rung.
+    heard = notify and ctx is not None and ctx.owner_listens and s.get_bind().dialect.name == "postgresql"
+    return Submitted(request_id, None if heard else wakeup)
 
 
 def create_sampler(

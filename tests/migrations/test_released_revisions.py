@@ -28,6 +28,7 @@ RELEASED = {
     "2026_12_07_0004_op_micro_batch_tokens.py": ("17ec75231ac6234172f72229184c97b1f0799121ef22c0fd22df04711432fbdc"),
     "2026_12_07_0005_stability_records.py": ("bead0d5c3c517417e30cdda91c431579cd781025429ae0e67b7b8c6d9b60a546"),
     "2026_12_07_0006_op_token_counts.py": ("dd1a9d861aae562560851d44f3be997c019f98ce372ea6a668151d2b122d9c4f"),
+    "2026_12_08_0001_worker_listens.py": ("bda0a41462a78df0810cd8024d9225a30a078f17f42723ba5b08666f9011ede6"),
 }
 
 

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from app.api.longpoll import FuturePoller
 from app.api.pushes import Pushes
 from app.db import migrate
 from app.db.engine import Database
+from app.db.models import Worker
 from app.domain.ops import AdamParams, OptimStepOp
 from app.queue import claim, leases, submit
 from app.queue.notify import CHANNEL
@@ -64,6 +66,73 @@ def test_owned_runs_op_wakes_its_owner_and_its_result_is_pushed(pg_url: str) -> 
                 submit.submit_run_op(s, submit.get_run(s, TENANT, run_id), 3, op)
                 raise RuntimeError("rolled back")
             assert not wake.wait(1.0), "a rolled-back submission woke the owner"
+    finally:
+        stop.set()
+        listener.join(timeout=5)
+        db.dispose()
+
+
+def _submit_as_api(db: Database, run_id: str, seq: int) -> submit.Submitted:
+    """A submission the way the API makes it (run_for_submit's context decides the wake-up)."""
+    with db.write() as s:
+        ctx = submit.run_for_submit(s, TENANT, run_id)
+        return submit.submit_run_op(s, ctx.run, seq, OptimStepOp(adam=AdamParams(learning_rate=1e-3)), ctx=ctx)
+
+
+def _listens(db: Database, worker_id: str) -> bool:
+    with db.read() as s:
+        return bool(s.execute(select(Worker.listens).where(Worker.worker_id == worker_id)).scalar_one())
+
+
+def test_a_listening_owner_is_woken_by_the_notify_alone(pg_url: str) -> None:
+    # Once the owner has heard its own NOTIFY, the API leaves the Celery message out for its runs'
+    # ops (Submitted.wakeup None: nothing to ring); until then, and after it stops, it rings.
+    migrate.upgrade(pg_url)
+    db = Database(pg_url, process_name="test")
+    wake, stop = threading.Event(), threading.Event()
+    listener = WorkListener(db.url, "q.w1", wake, stop, db=db, worker_id="w1")
+    try:
+        _register(db, "w1")
+        run_id = _run(db)
+        _submit(db, run_id, 1)
+        with db.write() as s:
+            leases.acquire_runs(s, "w1", 30.0)
+        before = _submit_as_api(db, run_id, 2)
+        assert before.wakeup is not None and before.wakeup.queue == "q.w1"
+        listener.start()
+        assert listener.probed.wait(10) and _listens(db, "w1")
+        wake.clear()
+        quiet = _submit_as_api(db, run_id, 3)
+        assert quiet.wakeup is None
+        assert wake.wait(5.0), "the listening owner was not woken by the NOTIFY"
+    finally:
+        stop.set()
+        listener.join(timeout=5)
+    try:
+        assert not _listens(db, "w1")  # a stopped listener clears its mark
+        assert _submit_as_api(db, run_id, 4).wakeup == before.wakeup
+    finally:
+        db.dispose()
+
+
+def test_a_listener_that_cannot_hear_keeps_the_celery_ring(pg_url: str) -> None:
+    # A listen URL on which the worker's own NOTIFY never arrives (here another database; in a
+    # deployment LISTEN through a transaction-mode pooler) fails the round-trip check.
+    migrate.upgrade(pg_url)
+    db = Database(pg_url, process_name="test")
+    wake, stop = threading.Event(), threading.Event()
+    listener = WorkListener(PG_ADMIN_URL, "q.w1", wake, stop, db=db, worker_id="w1", probe_seconds=0.5)
+    try:
+        _register(db, "w1")
+        run_id = _run(db)
+        _submit(db, run_id, 1)
+        with db.write() as s:
+            leases.acquire_runs(s, "w1", 30.0)
+        listener.start()
+        assert listener.probed.wait(10)
+        assert not listener.listens and not _listens(db, "w1")
+        sub = _submit_as_api(db, run_id, 2)
+        assert sub.wakeup is not None and sub.wakeup.queue == "q.w1"
     finally:
         stop.set()
         listener.join(timeout=5)

@@ -103,3 +103,36 @@ def test_a_dead_workers_batch_is_redone_with_the_same_tokens(
     for got, want in zip(redone[:-1], fresh[:-1], strict=True):
         assert isinstance(got, SampleResult) and isinstance(want, SampleResult)
         assert [s.tokens for s in got.sequences] == [s.tokens for s in want.sequences]
+
+
+class _NoSampling(TorchEngine):
+    """An engine that trains but does not sample, as a worker with a sharded base (engine/sharded.py)."""
+
+    def serves_samples(self) -> bool:
+        return False
+
+
+def test_a_worker_that_cannot_sample_leaves_samples_to_the_others(
+    db_url: str, tmp_path: Path, engine_cache: Path
+) -> None:
+    migrate.upgrade(db_url)
+    db = Database(db_url)
+    settings = make_settings(tmp_path, db_url)
+    try:
+        request_ids = _submit(db)
+        trainer = make_runner(settings, db, _NoSampling(settings.models(), cache_dir=engine_cache), "w-train")
+        try:
+            for _ in range(3):
+                trainer.step()
+        finally:
+            trainer.stop.set()
+        rows = op_rows(db, request_ids)
+        assert [(r.status, r.attempt) for r in rows] == [("queued", 0)] * len(request_ids)  # not claimed, not failed
+        sampler = make_runner(settings, db, TorchEngine(settings.models(), cache_dir=engine_cache), "w-sample")
+        try:
+            rows = wait_terminal(sampler, db, request_ids)
+        finally:
+            sampler.stop.set()
+        assert [r.status for r in rows] == ["succeeded"] * (len(request_ids) - 1) + ["failed"]
+    finally:
+        db.dispose()

@@ -222,9 +222,8 @@ class ShardedEngine(TorchEngine):
     # -- refused ----------------------------------------------------------------------------------
 
     def serves_samples(self) -> bool:
-        """False: a runner should not claim sample requests for this engine (a TorchEngine has no
-        such method: it serves them). The runner does not ask yet; until it does, the requests
-        this worker claims fail with SAMPLING_REFUSED."""
+        """False: the runner claims no sample requests for this engine (a TorchEngine has no such
+        method: it serves them); they wait for a worker that samples (Runner._serves_samples)."""
         return False
 
     def sample(self, base_model: str, adapter: Path | None, op: SampleOp) -> SampleResult:

@@ -65,7 +65,7 @@ async def retrieve_future(request: Request, state: State, tenant: Tenant) -> Res
     if view.delivered_at is None:
 
         def delivered() -> None:
-            with contextlib.suppress(DBAPIError), state.db.write() as s:
+            with contextlib.suppress(DBAPIError), state.db.write_relaxed() as s:
                 mark_delivered(s, req.request_id)
 
         # After the response is sent, off the client's wait (issue 11: a commit on its way). A mark
