@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from app.domain.models import builtin_tiny_spec
 from app.domain.ops import SampleOp
@@ -20,7 +22,7 @@ from tests.engine.test_decode_graph import OPS, _many, _same
 from workers.engine import EngineConfig, TorchEngine
 from workers.engine import decode_graph as graph
 from workers.engine import sampler as sampler_module
-from workers.engine.decode_state import DecodeStates, StepKey, filter_width
+from workers.engine.decode_state import Arena, DecodeStates, StepKey, filter_width
 from workers.engine.sampling import sample as reference_sample
 
 
@@ -152,6 +154,59 @@ def test_steps_are_keyed_by_adapter_layout_and_dropped_with_the_adapter(
     again = _many(engine, ops, [a, b, a, b])
     for got, want in zip(again, routed, strict=True):
         _same(got, want)
+
+
+class _Reads(TorchDispatchMode):
+    """The storages a block reads that no op of the block produced: what a CUDA graph captured
+    from it would read from outside itself, at these addresses, on every replay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outside: set[int] = set()
+        self._made: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self._made:
+                self.outside.add(t.untyped_storage().data_ptr())
+        out = func(*args, **(kwargs or {}))
+        self._made |= {t.untyped_storage().data_ptr() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+        return out
+
+
+def _arena_storages(arena: Arena) -> set[int]:
+    tensors = [*arena.keys, *arena.values, *(v for v in vars(arena).values() if isinstance(v, torch.Tensor))]
+    tensors += [v for v in vars(arena.params).values() if isinstance(v, torch.Tensor)]
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def test_a_step_reads_only_the_weights_and_the_kept_buffers(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What keeps a captured graph valid across calls, checked op by op on the CPU: outside its own
+    temporaries a step reads only the model's weights (LoRA included) and the kept buffers, never a
+    tensor of the call, so replaying it in a later call reads that call's inputs."""
+    reads: dict[StepKey, list[set[int]]] = {}
+    step = graph.StaticRun._step
+
+    def spy(self: graph.StaticRun) -> None:
+        mode = _Reads()
+        with mode:
+            step(self)
+        reads.setdefault(self.buf.key, []).append(mode.outside)
+
+    monkeypatch.setattr(graph.StaticRun, "_step", spy)
+    engine = _engine(cache_dir)
+    ops = [*OPS, _op(PROMPTS[1], n=3, max_tokens=20, seed=6)]  # 11 rows: compacts 16 -> 4
+    _many(engine, ops)
+    _many(engine, ops)
+    slot = engine._slots[TINY]
+    model = slot.loaded.model
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert slot.decode.arena is not None
+    allowed = weights | _arena_storages(slot.decode.arena)
+    assert {key.rows for key in reads} == {16, 4}
+    for per_step in reads.values():
+        assert all(outside <= allowed for outside in per_step)
+        assert all(outside == per_step[0] for outside in per_step)  # the same addresses, call after call
 
 
 def test_the_filter_width_shares_steps_between_nearby_top_k() -> None:
