@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, bindparam, update
+from sqlalchemy import Integer, and_, bindparam, or_, update
 from sqlalchemy.orm import Session as DbSession
 
 from app.db.engine import db_clock
@@ -52,9 +52,15 @@ _ADVANCE_RUN = (
     )
     .execution_options(synchronize_session=False)
 )
+# `queued`: a claim that a database crash lost (claims commit without waiting for the disk:
+# Database.write_relaxed). The run's fence in the same transaction (owner, epoch and next_seq)
+# already proves that nobody else can have this op, so its result is recorded all the same.
 _RECORD_OP = (
     update(Op)
-    .where(Op.request_id == bindparam("b_request_id"), Op.status == "running", Op.claimed_epoch == bindparam("b_epoch"))
+    .where(
+        Op.request_id == bindparam("b_request_id"),
+        or_(and_(Op.status == "running", Op.claimed_epoch == bindparam("b_epoch")), Op.status == "queued"),
+    )
     .values(
         status=bindparam("b_status", type_=Op.status.type),
         result=bindparam("b_result", type_=Op.result.type),

@@ -5,6 +5,7 @@ is seen by the fenced commit that follows it."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import text
 
 from app.db import migrate
@@ -78,5 +79,65 @@ def test_a_relaxed_claim_is_what_the_fenced_commit_sees(db_url: str) -> None:
             )
         with db.read() as s:
             assert claim.ready_run_ops(s, "w1") == []
+    finally:
+        db.dispose()
+
+
+def test_a_result_commits_after_its_claim_was_lost_but_not_past_the_fence(db_url: str) -> None:
+    # A database crash can lose a claim (it did not wait for the disk): the op is `queued` again
+    # when its result arrives. The run's fence decides: same owner and epoch commit; a worker whose
+    # lease moved on is still fenced out.
+    migrate.upgrade(db_url)
+    db = Database(db_url, process_name="worker-test")
+    try:
+        with db.write() as s:
+            session_id = submit.create_session(
+                s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None
+            )
+            run = submit.create_run(
+                s,
+                TENANT,
+                session_id=session_id,
+                model_seq_id=0,
+                base_model="m",
+                lora=LoraConfig(rank=2),
+                user_metadata={},
+            )
+            for seq in (1, 2):
+                submit.submit_run_op(s, run, seq, OptimStepOp(adam=AdamParams(learning_rate=0.001)))
+            leases.register_worker(s, worker_id="w1", host="h", device="cpu", queue="q", pid=1)
+        with db.write() as s:
+            leases.acquire_runs(s, "w1", ttl=30.0)
+        with db.read() as s:
+            (first,) = claim.ready_run_ops(s, "w1")
+        assert first.status == "queued"  # claimed and lost: nothing recorded it
+        with db.write() as s:
+            commit.commit_run_op(
+                s,
+                worker_id="w1",
+                run_id=first.run_id,
+                seq=first.seq,
+                epoch=first.epoch,
+                request_id=first.request_id,
+                outcome=commit.Outcome(result=b"{}"),
+            )
+        with db.read() as s:
+            (second,) = claim.ready_run_ops(s, "w1")
+        assert second.seq == 2
+        with db.write() as s:  # the lease moves on (a takeover bumps the epoch)
+            s.execute(text("UPDATE runs SET lease_epoch = lease_epoch + 1"))
+        with pytest.raises(commit.Fenced), db.write() as s:
+            commit.commit_run_op(
+                s,
+                worker_id="w1",
+                run_id=second.run_id,
+                seq=second.seq,
+                epoch=second.epoch,
+                request_id=second.request_id,
+                outcome=commit.Outcome(result=b"{}"),
+            )
+        with db.read() as s:
+            statuses = s.execute(text("SELECT seq, status FROM ops WHERE seq IS NOT NULL ORDER BY seq")).all()
+        assert [tuple(r) for r in statuses] == [(1, "succeeded"), (2, "queued")]
     finally:
         db.dispose()
