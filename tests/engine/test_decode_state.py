@@ -180,7 +180,9 @@ def _arena_storages(arena: Arena) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
-def test_a_step_reads_only_the_weights_and_the_kept_buffers(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_step_reads_only_the_weights_and_the_kept_buffers(
+    cache_dir: Path, dynamic: TorchEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What keeps a captured graph valid across calls, checked op by op on the CPU: outside its own
     temporaries a step reads only the model's weights (LoRA included) and the kept buffers, never a
     tensor of the call, so replaying it in a later call reads that call's inputs."""
@@ -196,14 +198,17 @@ def test_a_step_reads_only_the_weights_and_the_kept_buffers(cache_dir: Path, mon
     monkeypatch.setattr(graph.StaticRun, "_step", spy)
     engine = _engine(cache_dir)
     ops = [*OPS, _op(PROMPTS[1], n=3, max_tokens=20, seed=6)]  # 11 rows: compacts 16 -> 4
-    _many(engine, ops)
-    _many(engine, ops)
+    a = _trained_adapter(dynamic, "reads:a", 3, tmp_path / "a")
+    b = _trained_adapter(dynamic, "reads:b", 4, tmp_path / "b")
+    for _ in range(2):
+        _many(engine, ops)
+        _many(engine, ops[:4], [a, b, b, a])  # routed through two adapters' LoRA weights
     slot = engine._slots[TINY]
     model = slot.loaded.model
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     assert slot.decode.arena is not None
     allowed = weights | _arena_storages(slot.decode.arena)
-    assert {key.rows for key in reads} == {16, 4}
+    assert {(key.rows, key.adapters[0]) for key in reads} == {(16, "base"), (4, "base"), (8, "routed")}
     for per_step in reads.values():
         assert all(outside <= allowed for outside in per_step)
         assert all(outside == per_step[0] for outside in per_step)  # the same addresses, call after call
