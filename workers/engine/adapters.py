@@ -16,6 +16,7 @@ from typing import cast
 
 import peft
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -62,6 +63,14 @@ class AdapterHost:
         self.model = model  # the HF causal LM; PEFT injects its LoRA layers into it in place
         self._peft: peft.PeftModel | None = None
         self._fused = fused  # single-adapter passes through lora_fused.py (EngineConfig.lora_kernel)
+        # activate()'s fast switch: what PEFT's set_adapter last established, the LoRA layers and
+        # each adapter's parameters; all forgotten whenever adapters are added or removed.
+        self._active: tuple[str, bool] | None = None
+        self._layers: list[BaseTunerLayer] | None = None
+        self._own_params: dict[str, list[nn.Parameter]] = {}
+
+    def _forget(self) -> None:
+        self._active, self._layers, self._own_params = None, None, {}
 
     def names(self) -> list[str]:
         return [] if self._peft is None else list(self._peft.peft_config)
@@ -84,6 +93,7 @@ class AdapterHost:
                 self._peft = peft.get_peft_model(self.model, config, adapter_name=name)
             else:
                 self._peft.add_adapter(name, config)
+        self._forget()
         # New LoRA layers may have appeared: give them the routed/fused forward (lora_rows.py).
         install_forwards(self.model, self._fused)
         self._reinit(name, seed)
@@ -107,6 +117,7 @@ class AdapterHost:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
             self._peft.delete_adapter(name)
+        self._forget()
 
     def params(self, name: str) -> dict[str, nn.Parameter]:
         """The adapter's parameters by PEFT key, in sorted key order (the optimizer's order)."""
@@ -132,9 +143,42 @@ class AdapterHost:
         tuner = cast(peft.LoraModel, self._peft.base_model)
         if name is None:
             tuner.disable_adapter_layers()
+            self._active = None
             return
-        tuner.enable_adapter_layers()
-        self._peft.set_adapter(name, inference_mode=not trainable)
+        if self._active is None or name not in self._peft.peft_config:
+            tuner.enable_adapter_layers()
+            self._peft.set_adapter(name, inference_mode=not trainable)
+        elif self._active != (name, trainable):
+            self._switch(self._active[0], name, trainable)
+        self._active = (name, trainable)
+
+    def _switch(self, previous: str, name: str, trainable: bool) -> None:
+        """PEFT's set_adapter from a known state, touching only the two adapters concerned.
+
+        PEFT walks every module several times and every adapter of every layer (issue 11: with
+        32 resident runs that was 70 ms of a 150 ms forward_backward of the tiny model on the
+        CPU, growing with each run a worker holds). With dropout 0 and no auxiliary modules, its
+        whole effect is: each LoRA layer's active adapter, the previous adapter frozen and the new
+        one trainable unless sampling (tests/engine/test_adapter_switch.py compares the two)."""
+        assert self._peft is not None
+        if previous != name:
+            for param in self._params_of(previous):
+                param.requires_grad_(False)
+            for layer in self._tuner_layers():
+                layer._active_adapter = [name]
+            cast(peft.LoraModel, self._peft.base_model).active_adapter = name
+        for param in self._params_of(name):
+            param.requires_grad_(trainable)
+
+    def _tuner_layers(self) -> list[BaseTunerLayer]:
+        if self._layers is None:
+            self._layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layers
+
+    def _params_of(self, name: str) -> list[nn.Parameter]:
+        if name not in self._own_params:
+            self._own_params[name] = list(self.params(name).values())
+        return self._own_params[name]
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
         """A detached CPU copy of the adapter's weights, by PEFT key."""

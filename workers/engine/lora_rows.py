@@ -128,16 +128,23 @@ class RowRouter:
         layers = self._layers()
         wanted = set(adapters)
         saved = []
+        grads: list[tuple[torch.Tensor, bool]] = []
         for layer in layers:
             assert isinstance(layer, LoraLinear)
             saved.append((layer, layer._active_adapter))
             layer._active_adapter = []
             for name in layer.lora_A:
                 trainable = name in wanted
-                layer.lora_A[name].weight.requires_grad_(trainable)
-                layer.lora_B[name].weight.requires_grad_(trainable)
+                for weight in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    assert isinstance(weight, torch.Tensor)
+                    grads.append((weight, bool(weight.requires_grad)))
+                    weight.requires_grad_(trainable)
         try:
             yield
         finally:
+            # Exactly as before, trainability included: AdapterHost.activate switches adapters by
+            # flipping only the two adapters concerned, trusting that nobody else changed it.
             for layer, active in saved:
                 layer._active_adapter = active
+            for weight, requires_grad in grads:
+                weight.requires_grad_(requires_grad)
