@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
 from app.config_legacy import is_legacy, translate
 from app.domain.hf_cache import resolve_model_path
@@ -216,6 +216,10 @@ class Settings(BaseModel):
     # "auto" = on CUDA only; "on" on the CPU runs the same step uncaptured; "off" = the step shaped
     # to the live rows (workers/engine/decode.py).
     engine_decode_graphs: Literal["auto", "on", "off"] = "auto"
+    # The most memory the static decode step's buffers and graphs may keep between sample calls
+    # (workers/engine/decode_state.py), in bytes: "auto" = a quarter of the GPU (1 GiB on the
+    # CPU); 0 = keep nothing (every call builds its own, as before they were kept).
+    engine_decode_cache_bytes: Literal["auto"] | NonNegativeInt = "auto"
 
     # Checkpoint downloads (docs/downloads.md): signed, time-limited links served without the API
     # key. Every API process must sign with the same key; unset, one is generated once and kept in

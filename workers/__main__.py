@@ -87,6 +87,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         lora_kernel=settings.engine_lora_kernel,
         deterministic=settings.engine_deterministic,
         decode_graphs=settings.engine_decode_graphs,
+        decode_cache_bytes=None if settings.engine_decode_cache_bytes == "auto" else settings.engine_decode_cache_bytes,
     )
 
 
