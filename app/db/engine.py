@@ -55,6 +55,24 @@ def _sqlite_engine(url: str, begin: str) -> Engine:
     return engine
 
 
+def _relaxed_engine(url: str, sqlite: bool, pool_size: int, connect_args: dict[str, Any]) -> Engine:
+    """The engine of Database.write_relaxed: commits that do not wait for the disk."""
+    if sqlite:
+        engine = _sqlite_engine(url, "IMMEDIATE")
+
+        @event.listens_for(engine, "connect")
+        def _normal(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+        return engine
+    args = dict(connect_args)
+    args["options"] = (str(args.get("options", "")) + " -c synchronous_commit=off").strip()
+    # Few connections: the worker's loop and the API's delivery marks use it.
+    return create_engine(
+        url, pool_size=max(1, pool_size // 4), max_overflow=pool_size, pool_pre_ping=False, connect_args=args
+    )
+
+
 @dataclass(frozen=True)
 class DbTimeouts:
     """Server-side bounds on one PostgreSQL session (issue 7 item 3).
@@ -159,9 +177,9 @@ class Database:
         configure_mappers()
         self._write = sessionmaker(self.write_engine, expire_on_commit=False)
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
-        self._relaxed_engine: Engine | None = None
-        self._relaxed: sessionmaker[Session] | None = None
-        self._relaxed_args = (pool_size, connect_args)
+        # Its own pool: the session setting that skips the disk wait is fixed per connection.
+        self.relaxed_engine = _relaxed_engine(self.url, self.sqlite, pool_size, connect_args)
+        self._relaxed = sessionmaker(self.relaxed_engine, expire_on_commit=False)
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -178,34 +196,8 @@ class Database:
         commit on the 2-core machine). PostgreSQL: `synchronous_commit=off` on this pool's
         sessions; SQLite: `synchronous=NORMAL` on its connections (WAL mode: lost only on a power
         failure or an OS crash, never on a process crash)."""
-        if self._relaxed is None:
-            self._relaxed = sessionmaker(self._relaxed_writer(), expire_on_commit=False)
         with self._relaxed() as session, session.begin():
             yield session
-
-    def _relaxed_writer(self) -> Engine:
-        if self._relaxed_engine is None:
-            if self.sqlite:
-                engine = _sqlite_engine(self.url, "IMMEDIATE")
-
-                @event.listens_for(engine, "connect")
-                def _normal(dbapi_conn: Any, _record: Any) -> None:
-                    dbapi_conn.execute("PRAGMA synchronous=NORMAL")
-
-            else:
-                pool_size, connect_args = self._relaxed_args
-                args = dict(connect_args)
-                args["options"] = (str(args.get("options", "")) + " -c synchronous_commit=off").strip()
-                # Few connections: one thread per worker, the API's delivery marks.
-                engine = create_engine(
-                    self.url,
-                    pool_size=max(1, pool_size // 4),
-                    max_overflow=pool_size,
-                    pool_pre_ping=False,
-                    connect_args=args,
-                )
-            self._relaxed_engine = engine
-        return self._relaxed_engine
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -213,8 +205,7 @@ class Database:
             yield session
 
     def dispose(self) -> None:
-        if self._relaxed_engine is not None:
-            self._relaxed_engine.dispose()
+        self.relaxed_engine.dispose()
         self.write_engine.dispose()
         if self.read_engine.pool is not self.write_engine.pool:
             self.read_engine.dispose()
@@ -224,7 +215,7 @@ class Database:
         engines = [self.write_engine]
         if self.read_engine.pool is not self.write_engine.pool:
             engines.append(self.read_engine)
-        return [*engines, self._relaxed_writer()]
+        return [*engines, self.relaxed_engine]
 
 
 class db_clock(FunctionElement[float]):

@@ -322,9 +322,9 @@ def submit_run_op(
     )
     if ctx is None or now - run.last_request_at >= LAST_REQUEST_RESOLUTION_SECONDS:
         run.last_request_at = now
-    # An owner that hears the INSERT's NOTIFY needs no Celery message as well (workers.listens).
-    # On SQLite there is no NOTIFY, and the local doorbell is always rung.
-    heard = notify and ctx is not None and ctx.owner_listens and s.get_bind().dialect.name == "postgresql"
+    # An owner that hears the INSERT's NOTIFY needs no Celery message as well (workers.listens,
+    # only ever set on PostgreSQL: on SQLite the local doorbell is always rung).
+    heard = notify and ctx is not None and ctx.owner_listens
     return Submitted(request_id, None if heard else wakeup)
 
 

@@ -23,7 +23,7 @@ from app.domain.ops import AdamParams, OptimStepOp
 from app.queue import claim, leases, submit
 from app.queue.notify import CHANNEL
 from tests.conftest import PG_ADMIN_URL
-from tests.queue.test_queue import TENANT, _commit, _register, _run, _submit
+from tests.queue.test_queue import TENANT, _commit, _owned_run, _register, _run, _submit
 from workers.pglisten import WorkListener
 
 pytestmark = [pytest.mark.postgres]
@@ -92,11 +92,7 @@ def test_a_listening_owner_is_woken_by_the_notify_alone(pg_url: str) -> None:
     wake, stop = threading.Event(), threading.Event()
     listener = WorkListener(db.url, "q.w1", wake, stop, db=db, worker_id="w1")
     try:
-        _register(db, "w1")
-        run_id = _run(db)
-        _submit(db, run_id, 1)
-        with db.write() as s:
-            leases.acquire_runs(s, "w1", 30.0)
+        run_id = _owned_run(db)
         before = _submit_as_api(db, run_id, 2)
         assert before.wakeup is not None and before.wakeup.queue == "q.w1"
         listener.start()
@@ -123,11 +119,7 @@ def test_a_listener_that_cannot_hear_keeps_the_celery_ring(pg_url: str) -> None:
     wake, stop = threading.Event(), threading.Event()
     listener = WorkListener(PG_ADMIN_URL, "q.w1", wake, stop, db=db, worker_id="w1", probe_seconds=0.5)
     try:
-        _register(db, "w1")
-        run_id = _run(db)
-        _submit(db, run_id, 1)
-        with db.write() as s:
-            leases.acquire_runs(s, "w1", 30.0)
+        run_id = _owned_run(db)
         listener.start()
         assert listener.probed.wait(10)
         assert not listener.listens and not _listens(db, "w1")
@@ -153,11 +145,7 @@ def _listening(url: str, since: float) -> bool:
 def _pushed(db: Database, tmp_path: Path, listen_url: str) -> bool:
     """Whether a committed result wakes a waiting poll through the API's listener on `listen_url`,
     with the poller's own tick out of reach (only a push can resolve the wait in time)."""
-    _register(db, "w1")
-    run_id = _run(db)
-    _submit(db, run_id, 1)
-    with db.write() as s:
-        leases.acquire_runs(s, "w1", 30.0)
+    _owned_run(db)
     with db.read() as s:
         (ready,) = claim.ready_run_ops(s, "w1")
 

@@ -44,6 +44,17 @@ def _register(db: Database, worker_id: str) -> None:
         leases.register_worker(s, worker_id=worker_id, host="h", device="cpu", queue=f"q.{worker_id}", pid=1)
 
 
+def _owned_run(db: Database, ops: int = 1) -> str:
+    """A run with `ops` optim_steps queued (seq 1..ops), owned by a registered worker w1."""
+    _register(db, "w1")
+    run_id = _run(db)
+    for seq in range(1, ops + 1):
+        _submit(db, run_id, seq)
+    with db.write() as s:
+        leases.acquire_runs(s, "w1", 30.0)
+    return run_id
+
+
 def _commit(db: Database, worker: str, ready: claim.ReadyOp) -> None:
     with db.write() as s:
         assert claim.claim_run_op(s, worker, ready)

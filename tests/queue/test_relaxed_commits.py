@@ -10,10 +10,8 @@ from sqlalchemy import text
 
 from app.db import migrate
 from app.db.engine import Database
-from app.domain.ops import AdamParams, LoraConfig, OptimStepOp
-from app.queue import claim, commit, leases, submit
-
-TENANT = "t"
+from app.queue import claim, commit
+from tests.queue.test_queue import _owned_run
 
 
 def _durability(db: Database, relaxed: bool) -> str:
@@ -39,46 +37,37 @@ def test_only_relaxed_units_of_work_skip_the_disk_wait(db_url: str) -> None:
         db.dispose()
 
 
+def _next(db: Database) -> list[claim.ReadyOp]:
+    with db.read() as s:
+        return claim.ready_run_ops(s, "w1")
+
+
+def _record(db: Database, ready: claim.ReadyOp) -> None:
+    """The fenced commit of `ready`'s result, without claiming it first."""
+    with db.write() as s:
+        commit.commit_run_op(
+            s,
+            worker_id="w1",
+            run_id=ready.run_id,
+            seq=ready.seq,
+            epoch=ready.epoch,
+            request_id=ready.request_id,
+            outcome=commit.Outcome(result=b"{}"),
+        )
+
+
 def test_a_relaxed_claim_is_what_the_fenced_commit_sees(db_url: str) -> None:
     migrate.upgrade(db_url)
     db = Database(db_url, process_name="worker-test")
     try:
-        with db.write() as s:
-            session_id = submit.create_session(
-                s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None
-            )
-            run = submit.create_run(
-                s,
-                TENANT,
-                session_id=session_id,
-                model_seq_id=0,
-                base_model="m",
-                lora=LoraConfig(rank=2),
-                user_metadata={},
-            )
-            submit.submit_run_op(s, run, 1, OptimStepOp(adam=AdamParams(learning_rate=0.001)))
-            leases.register_worker(s, worker_id="w1", host="h", device="cpu", queue="q", pid=1)
-        with db.write() as s:
-            leases.acquire_runs(s, "w1", ttl=30.0)
-        with db.read() as s:
-            (ready,) = claim.ready_run_ops(s, "w1")
+        _owned_run(db, 1)
+        (ready,) = _next(db)
         with db.write_relaxed() as s:
             assert claim.claim_run_op(s, "w1", ready)
-        with db.read() as s:
-            (again,) = claim.ready_run_ops(s, "w1")
+        (again,) = _next(db)
         assert (again.status, again.attempt) == ("running", 1)  # the claim is visible at once
-        with db.write() as s:
-            commit.commit_run_op(
-                s,
-                worker_id="w1",
-                run_id=ready.run_id,
-                seq=ready.seq,
-                epoch=ready.epoch,
-                request_id=ready.request_id,
-                outcome=commit.Outcome(result=b"{}"),
-            )
-        with db.read() as s:
-            assert claim.ready_run_ops(s, "w1") == []
+        _record(db, ready)
+        assert _next(db) == []
     finally:
         db.dispose()
 
@@ -90,52 +79,16 @@ def test_a_result_commits_after_its_claim_was_lost_but_not_past_the_fence(db_url
     migrate.upgrade(db_url)
     db = Database(db_url, process_name="worker-test")
     try:
-        with db.write() as s:
-            session_id = submit.create_session(
-                s, TENANT, sdk_version=None, tags=[], user_metadata={}, display_name=None
-            )
-            run = submit.create_run(
-                s,
-                TENANT,
-                session_id=session_id,
-                model_seq_id=0,
-                base_model="m",
-                lora=LoraConfig(rank=2),
-                user_metadata={},
-            )
-            for seq in (1, 2):
-                submit.submit_run_op(s, run, seq, OptimStepOp(adam=AdamParams(learning_rate=0.001)))
-            leases.register_worker(s, worker_id="w1", host="h", device="cpu", queue="q", pid=1)
-        with db.write() as s:
-            leases.acquire_runs(s, "w1", ttl=30.0)
-        with db.read() as s:
-            (first,) = claim.ready_run_ops(s, "w1")
+        _owned_run(db, 2)
+        (first,) = _next(db)
         assert first.status == "queued"  # claimed and lost: nothing recorded it
-        with db.write() as s:
-            commit.commit_run_op(
-                s,
-                worker_id="w1",
-                run_id=first.run_id,
-                seq=first.seq,
-                epoch=first.epoch,
-                request_id=first.request_id,
-                outcome=commit.Outcome(result=b"{}"),
-            )
-        with db.read() as s:
-            (second,) = claim.ready_run_ops(s, "w1")
+        _record(db, first)
+        (second,) = _next(db)
         assert second.seq == 2
         with db.write() as s:  # the lease moves on (a takeover bumps the epoch)
             s.execute(text("UPDATE runs SET lease_epoch = lease_epoch + 1"))
-        with pytest.raises(commit.Fenced), db.write() as s:
-            commit.commit_run_op(
-                s,
-                worker_id="w1",
-                run_id=second.run_id,
-                seq=second.seq,
-                epoch=second.epoch,
-                request_id=second.request_id,
-                outcome=commit.Outcome(result=b"{}"),
-            )
+        with pytest.raises(commit.Fenced):
+            _record(db, second)
         with db.read() as s:
             statuses = s.execute(text("SELECT seq, status FROM ops WHERE seq IS NOT NULL ORDER BY seq")).all()
         assert [tuple(r) for r in statuses] == [(1, "succeeded"), (2, "queued")]
